@@ -1,0 +1,407 @@
+"""Parse `.nc` source text into the typed AST (syntax_tree), with located errors."""
+from __future__ import annotations
+
+import ast as py_ast
+from functools import lru_cache
+from pathlib import Path
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from . import syntax_tree as T
+from .diagnostics import Diagnostic, NcError
+
+GRAMMAR = Path(__file__).with_name("normc.lark")
+
+# How terminals are named to people in "expected ..." messages.
+_TERMINAL_WORDS = {
+    "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": "a string",
+    "LPAR": "`(`", "RPAR": "`)`", "LBRACE": "`{`", "RBRACE": "`}`", "LSQB": "`[`", "RSQB": "`]`",
+    "COMMA": "`,`", "COLON": "`:`", "SEMICOLON": "`;`", "EQUAL": "`=`", "DOT": "`.`", "KIND": "`exact`/`approximate`",
+    "$END": "end of file", "OPTIONAL": "`?`", "MINUS": "`-`", "COMP_OP": "a comparison", "ADD_OP": "`+`/`-`",
+    "MUL_OP": "`*`/`/`", "TRUE": "`true`", "FALSE": "`false`", "NONE": "`none`",
+}
+
+
+@lru_cache(maxsize=1)
+def _lark() -> Lark:
+    return Lark(GRAMMAR.read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
+
+
+def _word(terminal: str) -> str:
+    if terminal in _TERMINAL_WORDS:
+        return _TERMINAL_WORDS[terminal]
+    if terminal.startswith("__ANON") or terminal.isupper():
+        pattern = _lark().get_terminal(terminal).pattern.value if terminal in {t.name for t in _lark().terminals} else terminal
+        return f"`{pattern}`"
+    return terminal
+
+
+class _Build(Transformer):
+    def __init__(self, file: str):
+        super().__init__(visit_tokens=True)
+        self.file = file
+
+    def _loc(self, meta_or_tok) -> T.Loc:
+        m = meta_or_tok
+        if isinstance(m, Token):
+            return T.Loc(self.file, m.line, m.column, m.end_line or m.line, m.end_column or m.column + len(m))
+        if getattr(m, "empty", False):
+            return T.Loc(self.file, 0, 0)
+        return T.Loc(self.file, m.line, m.column, m.end_line, m.end_column)
+
+    # ---------------------------------------------------------- tokens
+    def NUMBER(self, tok):
+        text = str(tok)
+        value = int(text) if text.isdigit() else float(text)
+        return Token("NUMBER", value, tok.start_pos, tok.line, tok.column, tok.end_line, tok.end_column, tok.end_pos)
+
+    def STRING(self, tok):
+        return Token("STRING", py_ast.literal_eval(str(tok)), tok.start_pos, tok.line, tok.column, tok.end_line, tok.end_column, tok.end_pos)
+
+    # ---------------------------------------------------------- top level
+    @v_args(meta=True)
+    def start(self, meta, items):
+        return items
+
+    @v_args(meta=True)
+    def use_dotted(self, meta, c):
+        return T.Use(c[0], str(c[1]) if c[1] else None, False, self._loc(meta))
+
+    @v_args(meta=True)
+    def use_path(self, meta, c):
+        return T.Use(c[0].value, str(c[1]) if c[1] else None, True, self._loc(meta))
+
+    def dotted(self, c):
+        return ".".join(str(t) for t in c)
+
+    @v_args(meta=True)
+    def input_decl(self, meta, c):
+        name, dtype, *rest = c
+        dims = [d for d in rest if isinstance(d, int)]
+        rng = next((r for r in rest if isinstance(r, tuple)), None)
+        return T.InputDecl(str(name), str(dtype), dims, rng, self._loc(meta))
+
+    def dim(self, c):
+        return int(c[0])
+
+    def input_range(self, c):
+        return (c[0], c[1])
+
+    def signed_number(self, c):
+        return c[0].value
+
+    def neg_number(self, c):
+        return -c[0].value
+
+    def literal(self, c):
+        tok = c[0]
+        if isinstance(tok, Token):
+            return {"TRUE": True, "FALSE": False, "NONE": None}.get(tok.type, tok.value)
+        return tok
+
+    # ---------------------------------------------------------- rules
+    @v_args(meta=True)
+    def rule(self, meta, c):
+        name, params, *clauses = c
+        rule = T.Rule(str(name), params or [], "", "exact", [], None, [], [], self._loc(name))
+        for kind, value in clauses:
+            if kind == "doc":
+                rule.doc = value
+            elif kind == "kind":
+                rule.kind = value
+            elif kind == "match":
+                rule.match.extend(value)
+            elif kind == "where":
+                rule.where = value if rule.where is None else T.Binary("and", rule.where, value, value.loc)
+            elif kind == "let":
+                rule.lets.extend(value)
+            elif kind == "rewrite":
+                rule.rewrites.extend(value)
+        return rule
+
+    @v_args(meta=True)
+    def extern_pass(self, meta, c):
+        name, params, *clauses = c
+        p = T.ExternPass(str(name), params or [], "", "exact", "", self._loc(name))
+        for kind, value in clauses:
+            setattr(p, {"doc": "doc", "kind": "kind", "impl": "impl"}[kind], value)
+        return p
+
+    def params(self, c):
+        return [p for p in c if p is not None]
+
+    @v_args(meta=True)
+    def param(self, meta, c):
+        default = c[2]
+        return T.Param(str(c[0]), str(c[1]), default, self._loc(c[0]))
+
+    def doc_clause(self, c):
+        return ("doc", c[0].value)
+
+    def kind_clause(self, c):
+        return ("kind", str(c[0]))
+
+    def impl_clause(self, c):
+        return ("impl", c[0].value)
+
+    def match_clause(self, c):
+        return ("match", list(c))
+
+    def where_clause(self, c):
+        return ("where", c[0])
+
+    def let_clause(self, c):
+        return ("let", [T.Let(b.target, b.expr, b.loc) for b in c])
+
+    def rewrite_clause(self, c):
+        return ("rewrite", list(c))
+
+    @v_args(meta=True)
+    def binding(self, meta, c):
+        return T.Rewrite(str(c[0]), c[1], self._loc(c[0]))
+
+    @v_args(meta=True)
+    def each_binding(self, meta, c):
+        b = c[1]
+        b.each = str(c[0])
+        return b
+
+    @v_args(meta=True)
+    def match_stmt(self, meta, c):
+        return T.MatchStmt(str(c[0]), c[1], self._loc(c[0]))
+
+    @v_args(meta=True)
+    def each_stmt(self, meta, c):
+        return T.EachStmt(str(c[0]), str(c[1]), c[2], self._loc(meta))
+
+    @v_args(meta=True)
+    def pcall(self, meta, c):
+        args, kwargs = [], []
+        for a in c[1:]:
+            if a is None:
+                continue
+            if isinstance(a, tuple):
+                kwargs.append(a)
+            else:
+                args.append(a)
+        return T.PCall(str(c[0]), args, kwargs, self._loc(c[0]))
+
+    @v_args(meta=True)
+    def pvar(self, meta, c):
+        return T.PVar(str(c[0]), len(c) > 1 and c[1] is not None, self._loc(c[0]))
+
+    @v_args(meta=True)
+    def pwild(self, meta, c):
+        return T.PWild(self._loc(meta))
+
+    def pkw(self, c):
+        return (str(c[0]), c[1])
+
+    @v_args(meta=True)
+    def plit(self, meta, c):
+        tok = c[0]
+        if isinstance(tok, Token):
+            value = {"TRUE": True, "FALSE": False}.get(tok.type, tok.value)
+        else:
+            value = tok
+        return T.PLit(value, self._loc(meta))
+
+    # ---------------------------------------------------------- pipeline
+    @v_args(meta=True)
+    def pipeline(self, meta, c):
+        return T.Pipeline(list(c), self._loc(meta))
+
+    @v_args(meta=True)
+    def apply_step(self, meta, c):
+        name, call_args, scope = c
+        args, kwargs = call_args if call_args else ([], [])
+        return T.Apply(name, args, kwargs, scope.value if scope else None, self._loc(meta))
+
+    @v_args(meta=True)
+    def verify_step(self, meta, c):
+        options, approx = {}, {}
+        for is_approx, key, value in c:
+            (approx if is_approx else options)[key] = value
+        return T.Verify(options, approx, self._loc(meta))
+
+    def verify_opt(self, c):
+        return (c[0] is not None, str(c[1]), self._value(c[2]))
+
+    @v_args(meta=True)
+    def export_step(self, meta, c):
+        fmt, *rest = c
+        path = rest.pop()
+        options = dict(rest)
+        return T.Export(str(fmt), options, path.value if path is not None else None, self._loc(meta))
+
+    def export_opt(self, c):
+        return (str(c[0]), self._value(c[1]))
+
+    @v_args(meta=True)
+    def calibrate_step(self, meta, c):
+        return T.Calibrate(c[0].value, int(c[1]) if c[1] is not None else None, self._loc(meta))
+
+    @staticmethod
+    def _value(v):
+        if isinstance(v, Token):
+            return str(v) if v.type == "NAME" else v.value
+        return v
+
+    # ---------------------------------------------------------- expressions
+    @v_args(meta=True)
+    def number(self, meta, c):
+        return T.Num(c[0].value, self._loc(c[0]))
+
+    @v_args(meta=True)
+    def string(self, meta, c):
+        return T.Str(c[0].value, self._loc(c[0]))
+
+    @v_args(meta=True)
+    def true(self, meta, c):
+        return T.Const(True, self._loc(c[0]))
+
+    @v_args(meta=True)
+    def false(self, meta, c):
+        return T.Const(False, self._loc(c[0]))
+
+    @v_args(meta=True)
+    def none(self, meta, c):
+        return T.Const(None, self._loc(c[0]))
+
+    @v_args(meta=True)
+    def name(self, meta, c):
+        return T.Name(str(c[0]), self._loc(c[0]))
+
+    @v_args(meta=True)
+    def list_lit(self, meta, c):
+        return T.ListLit([x for x in c if x is not None], self._loc(meta))
+
+    @v_args(meta=True)
+    def call(self, meta, c):
+        args, kwargs = c[1]
+        return T.Call(str(c[0]), args, kwargs, self._loc(c[0]))
+
+    def call_args(self, c):
+        args, kwargs = [], []
+        for a in c:
+            if a is None:
+                continue
+            if isinstance(a, tuple):
+                kwargs.append(a)
+            else:
+                args.append(a)
+        return args, kwargs
+
+    def kwarg(self, c):
+        return (str(c[0]), c[1])
+
+    @v_args(meta=True)
+    def index(self, meta, c):
+        return T.Index(c[0], list(c[1:]), self._loc(meta))
+
+    @v_args(meta=True)
+    def slice(self, meta, c):
+        c = list(c) + [None] * (3 - len(c))
+        return T.Slice(c[0], c[1], c[2], self._loc(meta))
+
+    @v_args(meta=True)
+    def ellipsis(self, meta, c):
+        return T.Ellipsis_(self._loc(meta))
+
+    def _bin(self, op, left, right, meta):
+        return T.Binary(op, left, right, self._loc(meta))
+
+    @v_args(meta=True)
+    def coalesce_op(self, meta, c):
+        return self._bin("??", c[0], c[1], meta)
+
+    @v_args(meta=True)
+    def or_op(self, meta, c):
+        return self._bin("or", c[0], c[1], meta)
+
+    @v_args(meta=True)
+    def and_op(self, meta, c):
+        return self._bin("and", c[0], c[1], meta)
+
+    @v_args(meta=True)
+    def not_op(self, meta, c):
+        return T.Unary("not", c[0], self._loc(meta))
+
+    @v_args(meta=True)
+    def compare(self, meta, c):
+        return self._bin(str(c[1]), c[0], c[2], meta)
+
+    @v_args(meta=True)
+    def binop(self, meta, c):
+        return self._bin(str(c[1]), c[0], c[2], meta)
+
+    @v_args(meta=True)
+    def neg(self, meta, c):
+        if isinstance(c[0], T.Num):
+            return T.Num(-c[0].value, self._loc(meta))
+        return T.Unary("-", c[0], self._loc(meta))
+
+    @v_args(meta=True)
+    def pow_op(self, meta, c):
+        return self._bin("**", c[0], c[1], meta)
+
+
+def parse_text(source: str, file: str = "<string>") -> T.Module:
+    try:
+        tree = _lark().parse(source)
+    except UnexpectedInput as e:
+        raise NcError([_syntax_diagnostic(e, source, file)], source) from None
+    try:
+        items = _Build(file).transform(tree)
+    except VisitError as e:  # a bug in the builder, not the user's; keep the cause
+        raise e.orig_exc from None
+    module = T.Module(file=file, source=source)
+    for item in items:
+        if isinstance(item, T.Use):
+            module.uses.append(item)
+        elif isinstance(item, T.InputDecl):
+            module.inputs.append(item)
+        elif isinstance(item, T.Rule):
+            item.module = module
+            module.rules.append(item)
+        elif isinstance(item, T.ExternPass):
+            item.module = module
+            module.passes.append(item)
+        elif isinstance(item, T.Pipeline):
+            if module.pipeline is not None:
+                raise NcError([Diagnostic(item.loc, "a file has at most one `pipeline` block",
+                                          "merge the steps into the first pipeline")], source)
+            module.pipeline = item
+    return module
+
+
+def parse_file(path: str | Path) -> T.Module:
+    path = Path(path)
+    try:
+        source = path.read_text()
+    except OSError as e:
+        from ..errors import NormcError
+        raise NormcError(f"cannot read rules file `{path}`: {e.strerror}", "check the path") from None
+    return parse_text(source, str(path))
+
+
+def _syntax_diagnostic(e: UnexpectedInput, source: str, file: str) -> Diagnostic:
+    line, column = getattr(e, "line", 1) or 1, getattr(e, "column", 1) or 1
+    if isinstance(e, UnexpectedCharacters):
+        ch = source[e.pos_in_stream] if e.pos_in_stream < len(source) else "?"
+        loc = T.Loc(file, line, column, line, column + 1)
+        return Diagnostic(loc, f"unexpected character `{ch}`", "remove it, or quote it inside a string")
+    if isinstance(e, UnexpectedEOF):
+        lines = source.splitlines() or [""]
+        loc = T.Loc(file, len(lines), len(lines[-1]) + 1)
+        return Diagnostic(loc, "unexpected end of file", "a `{` or `(` is not closed")
+    assert isinstance(e, UnexpectedToken)
+    tok = e.token
+    expected = sorted({_word(t) for t in e.expected if not t.startswith("_")})
+    shown = ", ".join(expected[:6]) + (", ..." if len(expected) > 6 else "")
+    what = "end of file" if tok.type == "$END" else f"`{tok}`"
+    width = len(str(tok)) if tok.type != "$END" else 1
+    loc = T.Loc(file, line, column, line, column + width)
+    hint = f"expected {shown}" if shown else None
+    return Diagnostic(loc, f"unexpected {what}", hint)
