@@ -1,0 +1,294 @@
+"""Functions the language can call in `where`, `let` and `rewrite` clauses.
+
+Guards read the graph (users, sharing, shapes, module paths); value functions compute
+new parameters on real tensors, in float64. Each builtin declares its arity and result
+type so the checker can reject a wrong call before any model is loaded.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from .graph import get_param, module_path, module_type, op_name, param_users, site_name
+
+
+class RefuseSite(Exception):
+    """A site cannot be rewritten; the message is the reason shown to the user."""
+
+
+@dataclass
+class Guard:
+    """A boolean with the reasons it is true or false (so `not shared(w)` explains itself)."""
+    value: bool
+    why_false: str = ""
+    why_true: str = ""
+
+    def __bool__(self):
+        return self.value
+
+
+@dataclass
+class NodeRef:
+    """A pattern variable bound to a graph value."""
+    node: fx.Node
+
+
+DTYPE_NAMES = {"f64": torch.float64, "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16,
+               "i64": torch.int64, "i32": torch.int32, "i8": torch.int8, "u8": torch.uint8, "bool": torch.bool}
+DTYPE_BY_TORCH = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+@dataclass
+class Builtin:
+    name: str
+    min_args: int
+    max_args: int
+    returns: str  # tensor | number | bool | string | shape | any
+    fn: Callable
+    kwargs: tuple[str, ...] = ()
+    doc: str = ""
+    guard: bool = False  # reads the graph: only in `where`
+    raw_args: bool = False  # receives NodeRefs, not tensors
+
+
+class EvalContext:
+    """What builtins may look at: the graph and the calibration statistics of this run."""
+
+    def __init__(self, gm: fx.GraphModule, stats=None):
+        self.gm = gm
+        self.stats = stats  # normc.verify.calibrate.Statistics or None
+
+    def tensor(self, v, what: str = "value") -> torch.Tensor:
+        """A bound value as a float64 tensor (parameters are read from the module)."""
+        if isinstance(v, NodeRef):
+            node = v.node
+            if node.op != "get_attr":
+                raise RefuseSite(f"`{site_name(node)}` is an activation, not a parameter: it has no value at compile time")
+            t = get_param(self.gm, node).detach()
+            return t.to(torch.float64) if t.is_floating_point() else t
+        if isinstance(v, torch.Tensor):
+            return v
+        if isinstance(v, (int, float, bool)):
+            return torch.tensor(v, dtype=torch.float64)
+        if v is None:
+            raise RefuseSite(f"{what} is absent (use `x ?? default` for optional operands)")
+        if isinstance(v, (list, tuple)):
+            return torch.tensor(v, dtype=torch.float64)
+        raise RefuseSite(f"{what} is not a tensor")
+
+
+def _node(v, fname) -> fx.Node:
+    if not isinstance(v, NodeRef):
+        raise RefuseSite(f"{fname}() needs a pattern variable bound to a graph value")
+    return v.node
+
+
+def _shape(ctx, v):
+    if isinstance(v, NodeRef):
+        n = v.node
+        if n.op == "get_attr":
+            return tuple(get_param(ctx.gm, n).shape)
+        if "normc_shape" in n.meta:
+            return tuple(n.meta["normc_shape"])
+        raise RefuseSite(f"the shape of `{site_name(n)}` is unknown")
+    return tuple(ctx.tensor(v).shape)
+
+
+# ------------------------------------------------------------------ guards
+def _single_use(ctx, v):
+    n = _node(v, "single_use")
+    k = len(n.users)
+    what = f"{op_name(n) or n.op} `{module_path(n) or n.name}` output"
+    return Guard(k == 1, why_false=f"{what} has {k} users", why_true=f"{what} has one user")
+
+
+def _shared(ctx, v):
+    n = _node(v, "shared")
+    if n.op != "get_attr":
+        k = len(n.users)
+        return Guard(k > 1, f"`{n.name}` has one user", f"`{n.name}` has {k} users")
+    users = param_users(ctx.gm, n)
+    k = len(users)
+    return Guard(k > 1, why_false=f"parameter `{n.target}` is used once",
+                 why_true=f"parameter `{n.target}` is shared by {k} call sites (a module called twice or a tied weight)")
+
+
+def _present(ctx, v):
+    return Guard(v is not None, "operand is absent", "operand is present")
+
+
+def _is_param(ctx, v):
+    ok = isinstance(v, NodeRef) and v.node.op == "get_attr"
+    name = site_name(v.node) if isinstance(v, NodeRef) else repr(v)
+    return Guard(ok, f"`{name}` is not a parameter", f"`{name}` is a parameter")
+
+
+def _frozen_stats(ctx, v):
+    n = _node(v, "frozen_stats")
+    training = n.kwargs.get("training", False)
+    has_stats = len(n.args) > 2 and n.args[1] is not None and n.args[2] is not None
+    where = module_path(n) or n.name
+    if not has_stats:
+        return Guard(False, f"batch_norm `{where}` has no running statistics (track_running_stats=False)")
+    if training:
+        return Guard(False, f"batch_norm `{where}` is in training mode (it normalises by batch statistics)")
+    return Guard(True, why_true=f"batch_norm `{where}` uses frozen statistics")
+
+
+def _glob(ctx, text, pattern):
+    if isinstance(text, NodeRef):
+        text = module_path(text.node)
+    ok = fnmatch.fnmatchcase(str(text), str(pattern))
+    return Guard(ok, f"`{text}` does not match \"{pattern}\"", f"`{text}` matches \"{pattern}\"")
+
+
+def _all_zero(ctx, v):
+    vals = v if isinstance(v, (list, tuple)) else [v]
+    ok = all((x == 0) if not isinstance(x, str) else x == "valid" for x in vals)
+    return Guard(ok, f"{tuple(vals)} is not all zero", f"{tuple(vals)} is all zero")
+
+
+def _rank(ctx, v):
+    return len(_shape(ctx, v))
+
+
+def _dtype(ctx, v):
+    if isinstance(v, NodeRef):
+        n = v.node
+        dt = get_param(ctx.gm, n).dtype if n.op == "get_attr" else n.meta.get("normc_dtype")
+    else:
+        dt = ctx.tensor(v).dtype
+    return DTYPE_BY_TORCH.get(dt, str(dt))
+
+
+def _users(ctx, v):
+    return len(_node(v, "users").users)
+
+
+# ------------------------------------------------------------------ values (float64 tensors)
+def _t(ctx, v):
+    return ctx.tensor(v)
+
+
+def _reduce(fn):
+    def reduce(ctx, x, dim=None, keepdim=False):
+        t = _t(ctx, x)
+        if dim is None:
+            return fn(t)
+        dims = tuple(dim) if isinstance(dim, (list, tuple)) else (int(dim),)
+        return fn(t, dim=dims, keepdim=bool(keepdim))
+    return reduce
+
+
+def _amax(t, dim=None, keepdim=False):
+    return t.amax() if dim is None else t.amax(dim=dim, keepdim=keepdim)
+
+
+def _amin(t, dim=None, keepdim=False):
+    return t.amin() if dim is None else t.amin(dim=dim, keepdim=keepdim)
+
+
+def _stat(kind):
+    """absmax/min/max/mean/rms: of a parameter along dims, or of an activation from calibration."""
+    reducers = {"absmax": lambda t, **k: _amax(t.abs(), **k), "max": _amax, "min": _amin,
+                "mean": lambda t, dim=None, keepdim=False: t.mean() if dim is None else t.mean(dim=dim, keepdim=keepdim),
+                "rms": lambda t, dim=None, keepdim=False: (t * t).mean().sqrt() if dim is None
+                else (t * t).mean(dim=dim, keepdim=keepdim).sqrt(),
+                "sum": lambda t, dim=None, keepdim=False: t.sum() if dim is None else t.sum(dim=dim, keepdim=keepdim)}
+
+    def stat(ctx, x, dim=None, keepdim=False):
+        if isinstance(x, NodeRef) and x.node.op != "get_attr" and kind != "sum":
+            if ctx.stats is None:
+                raise RefuseSite(f"{kind}({x.node.name}) needs calibration statistics: add `calibrate` before this step")
+            return ctx.stats.get(x.node, kind)  # per channel (last dim), float64
+        t = _t(ctx, x)
+        if dim is None:
+            return reducers[kind](t)
+        dims = tuple(dim) if isinstance(dim, (list, tuple)) else (int(dim),)
+        return reducers[kind](t, dim=dims, keepdim=bool(keepdim))
+    return stat
+
+
+def _bcast(ctx, s, like, dim=0):
+    """Reshape a vector so it broadcasts along `dim` of `like` (w * bcast(s, w, 0) scales output channels)."""
+    s = _t(ctx, s)
+    rank = len(_shape(ctx, like))
+    shape = [1] * rank
+    shape[int(dim)] = -1
+    return s.reshape(shape)
+
+
+def _reshape(ctx, x, shape):
+    return _t(ctx, x).reshape([int(v) for v in shape])
+
+
+def _transpose(ctx, x):
+    return _t(ctx, x).transpose(0, 1) if _t(ctx, x).dim() >= 2 else _t(ctx, x)
+
+
+def _clamp(ctx, x, min=None, max=None):
+    return _t(ctx, x).clamp(min=min, max=max)
+
+
+def _size(ctx, x, dim=None):
+    shape = _shape(ctx, x)
+    return shape if dim is None else shape[int(dim)]
+
+
+def _where(ctx, cond, a, b):
+    return torch.where(_t(ctx, cond).bool(), _t(ctx, a), _t(ctx, b))
+
+
+def _unary(fn):
+    return lambda ctx, x: fn(_t(ctx, x))
+
+
+def _binary(fn):
+    return lambda ctx, a, b: fn(_t(ctx, a), _t(ctx, b))
+
+
+def _b(name, lo, hi, returns, fn, kwargs=(), doc="", guard=False, raw=False):
+    return Builtin(name, lo, hi, returns, fn, tuple(kwargs), doc, guard, raw)
+
+
+BUILTINS: dict[str, Builtin] = {b.name: b for b in [
+    # guards
+    _b("single_use", 1, 1, "bool", _single_use, doc="the value has exactly one user", guard=True, raw=True),
+    _b("shared", 1, 1, "bool", _shared, doc="the parameter is read by more than one call site", guard=True, raw=True),
+    _b("present", 1, 1, "bool", _present, doc="an optional operand is present", guard=True, raw=True),
+    _b("is_param", 1, 1, "bool", _is_param, doc="the value is a parameter (known at compile time)", guard=True, raw=True),
+    _b("frozen_stats", 1, 1, "bool", _frozen_stats, doc="a batch_norm uses running statistics (eval mode)", guard=True, raw=True),
+    _b("glob", 2, 2, "bool", _glob, doc="a string (or a value's module path) matches a glob", guard=True, raw=True),
+    _b("all_zero", 1, 1, "bool", _all_zero, doc="an attribute (padding) is zero everywhere", guard=True, raw=True),
+    _b("rank", 1, 1, "number", _rank, doc="number of dims", raw=True),
+    _b("shape", 1, 1, "shape", lambda ctx, v: list(_shape(ctx, v)), doc="the shape, as a list", raw=True),
+    _b("size", 1, 2, "number", _size, doc="size(x, dim)", raw=True),
+    _b("dtype", 1, 1, "string", _dtype, doc="dtype name: f32, f64, f16, bf16, i64, ...", raw=True),
+    _b("users", 1, 1, "number", _users, doc="number of users of a value", raw=True),
+    _b("path", 1, 1, "string", lambda ctx, v: module_path(_node(v, "path")), doc="module path of a value", raw=True),
+    _b("module_type", 1, 1, "string", lambda ctx, v: module_type(_node(v, "module_type")), doc="class name of the module", raw=True),
+    _b("op", 1, 1, "string", lambda ctx, v: op_name(_node(v, "op")) or "", doc="canonical op name of a value", raw=True),
+    # values
+    _b("sqrt", 1, 1, "tensor", _unary(torch.sqrt)), _b("rsqrt", 1, 1, "tensor", _unary(torch.rsqrt)),
+    _b("abs", 1, 1, "tensor", _unary(torch.abs)), _b("exp", 1, 1, "tensor", _unary(torch.exp)),
+    _b("log", 1, 1, "tensor", _unary(torch.log)), _b("pow", 2, 2, "tensor", _binary(torch.pow)),
+    _b("maximum", 2, 2, "tensor", _binary(torch.maximum)), _b("minimum", 2, 2, "tensor", _binary(torch.minimum)),
+    _b("clamp", 1, 3, "tensor", _clamp, ("min", "max")),
+    _b("sum", 1, 3, "tensor", _stat("sum"), ("dim", "keepdim")),
+    _b("mean", 1, 3, "tensor", _stat("mean"), ("dim", "keepdim"), raw=True),
+    _b("max", 1, 3, "tensor", _stat("max"), ("dim", "keepdim"), raw=True),
+    _b("min", 1, 3, "tensor", _stat("min"), ("dim", "keepdim"), raw=True),
+    _b("absmax", 1, 3, "tensor", _stat("absmax"), ("dim", "keepdim"), doc="max |x| of a parameter along dims, or per channel of an activation (calibration)", raw=True),
+    _b("rms", 1, 3, "tensor", _stat("rms"), ("dim", "keepdim"), raw=True),
+    _b("bcast", 2, 3, "tensor", _bcast, ("dim",), doc="reshape a vector to broadcast along dim of another tensor", raw=True),
+    _b("reshape", 2, 2, "tensor", _reshape), _b("t", 1, 1, "tensor", _transpose, doc="swap the first two dims"),
+    _b("where", 3, 3, "tensor", _where),
+    _b("ones_like", 1, 1, "tensor", _unary(torch.ones_like)), _b("zeros_like", 1, 1, "tensor", _unary(torch.zeros_like)),
+]}
+
+# names usable as constants in expressions
+CONSTANTS = dict(DTYPE_NAMES)

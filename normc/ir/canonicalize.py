@@ -1,0 +1,268 @@
+"""Turn a traced graph (torch.fx.symbolic_trace or torch.export) into the canonical vocabulary.
+
+Every form a model was written in becomes one node per op: `nn.BatchNorm2d`, `F.batch_norm`,
+`aten.batch_norm` and `aten._native_batch_norm_legit_no_training` all become `ops.batch_norm`
+with the running statistics and affine as `get_attr` operands. The 1:1 translations live in
+the tables below (data, not logic); multi-node recognizers (a decomposed RMSNorm chain) are
+rules in the language (`normc/passes/std/recognize.nc`).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .graph import aten_base, module_path, module_type
+
+aten = torch.ops.aten
+
+
+class _Ctx:
+    def __init__(self, gm: fx.GraphModule, node: fx.Node):
+        self.gm, self.node, self.graph = gm, node, gm.graph
+
+    def param(self, owner: str, attr: str):
+        mod = self.gm.get_submodule(owner)
+        if getattr(mod, attr, None) is None:
+            return None
+        target = f"{owner}.{attr}" if owner else attr
+        with self.graph.inserting_before(self.node):
+            p = self.graph.get_attr(target)
+        p.meta["normc_path"] = owner
+        return p
+
+
+def _tuple(v, n):
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
+
+
+# ------------------------------------------------------------------ nn.Module call sites
+def _from_module(ctx: _Ctx, mod: nn.Module, args, kwargs):
+    t = ctx.node.target
+    x = args[0] if args else kwargs.get("input")
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.padding_mode == "zeros":
+        return "conv", [x, ctx.param(t, "weight"), ctx.param(t, "bias")], dict(
+            stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups)
+    if isinstance(mod, nn.Linear):
+        return "linear", [x, ctx.param(t, "weight"), ctx.param(t, "bias")], {}
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        has_stats = mod.running_mean is not None
+        return "batch_norm", [x, ctx.param(t, "running_mean"), ctx.param(t, "running_var"),
+                              ctx.param(t, "weight"), ctx.param(t, "bias")], dict(
+            eps=mod.eps, training=bool(mod.training or not has_stats), momentum=mod.momentum or 0.0)
+    if isinstance(mod, nn.LayerNorm):
+        return "layer_norm", [x, ctx.param(t, "weight"), ctx.param(t, "bias")], dict(
+            normalized_shape=tuple(mod.normalized_shape), eps=mod.eps)
+    if hasattr(nn, "RMSNorm") and isinstance(mod, nn.RMSNorm):
+        return "rms_norm", [x, ctx.param(t, "weight")], dict(normalized_shape=tuple(mod.normalized_shape), eps=mod.eps)
+    if isinstance(mod, nn.GroupNorm):
+        return "group_norm", [x, ctx.param(t, "weight"), ctx.param(t, "bias")], dict(groups=mod.num_groups, eps=mod.eps)
+    if isinstance(mod, nn.Embedding) and mod.max_norm is None:
+        return "embedding", [x, ctx.param(t, "weight")], dict(padding_idx=mod.padding_idx)
+    if isinstance(mod, nn.ReLU):
+        return "relu", [x], {}
+    if isinstance(mod, nn.GELU):
+        return "gelu", [x], dict(approximate=mod.approximate)
+    if isinstance(mod, nn.SiLU):
+        return "silu", [x], {}
+    if isinstance(mod, nn.Tanh):
+        return "tanh", [x], {}
+    if isinstance(mod, nn.Sigmoid):
+        return "sigmoid", [x], {}
+    if isinstance(mod, nn.Softmax):
+        return "softmax", [x], dict(dim=mod.dim if mod.dim is not None else -1)
+    if isinstance(mod, (nn.Dropout, nn.Identity)):
+        return "identity", [x], {}
+    return None
+
+
+# ------------------------------------------------------------------ functions and aten ops
+def _arg(args, kwargs, i, name, default=None):
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name, default)
+
+
+def _conv(a, k):
+    w = _arg(a, k, 1, "weight")
+    return "conv", [_arg(a, k, 0, "input"), w, _arg(a, k, 2, "bias")], dict(
+        stride=_arg(a, k, 3, "stride", 1), padding=_arg(a, k, 4, "padding", 0),
+        dilation=_arg(a, k, 5, "dilation", 1), groups=_arg(a, k, 6, "groups", 1))
+
+
+def _aten_convolution(a, k):
+    if _arg(a, k, 6, "transposed", False):
+        return None
+    return "conv", [a[0], a[1], a[2]], dict(stride=a[3], padding=a[4], dilation=a[5], groups=a[8])
+
+
+def _linear(a, k):
+    return "linear", [_arg(a, k, 0, "input"), _arg(a, k, 1, "weight"), _arg(a, k, 2, "bias")], {}
+
+
+def _f_batch_norm(a, k):  # F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    mean = _arg(a, k, 1, "running_mean")
+    training = bool(_arg(a, k, 5, "training", False)) or mean is None
+    return "batch_norm", [a[0], mean, _arg(a, k, 2, "running_var"), _arg(a, k, 3, "weight"), _arg(a, k, 4, "bias")], dict(
+        eps=_arg(a, k, 7, "eps", 1e-5), training=training, momentum=_arg(a, k, 6, "momentum", 0.1) or 0.0)
+
+
+def _aten_batch_norm(a, k):  # aten.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)
+    training = bool(a[5]) or a[3] is None
+    return "batch_norm", [a[0], a[3], a[4], a[1], a[2]], dict(eps=a[7], training=training, momentum=a[6] or 0.0)
+
+
+def _aten_bn_no_training(a, k):  # (input, weight, bias, running_mean, running_var, momentum, eps) -> tuple
+    return "batch_norm", [a[0], a[3], a[4], a[1], a[2]], dict(eps=a[6], training=False, momentum=a[5] or 0.0)
+
+
+def _f_layer_norm(a, k):  # F.layer_norm(input, normalized_shape, weight, bias, eps)
+    return "layer_norm", [a[0], _arg(a, k, 2, "weight"), _arg(a, k, 3, "bias")], dict(
+        normalized_shape=tuple(_tuple(_arg(a, k, 1, "normalized_shape"), 1)), eps=_arg(a, k, 4, "eps", 1e-5))
+
+
+def _f_rms_norm(a, k):  # F.rms_norm(input, normalized_shape, weight, eps)
+    return "rms_norm", [a[0], _arg(a, k, 2, "weight")], dict(
+        normalized_shape=tuple(_tuple(_arg(a, k, 1, "normalized_shape"), 1)), eps=_arg(a, k, 3, "eps", None))
+
+
+def _f_group_norm(a, k):  # F.group_norm(input, num_groups, weight, bias, eps)
+    return "group_norm", [a[0], _arg(a, k, 2, "weight"), _arg(a, k, 3, "bias")], dict(
+        groups=_arg(a, k, 1, "num_groups"), eps=_arg(a, k, 4, "eps", 1e-5))
+
+
+def _f_embedding(a, k):  # F.embedding(input, weight, padding_idx, ...)
+    if _arg(a, k, 3, "max_norm") is not None:
+        return None
+    return "embedding", [a[0], _arg(a, k, 1, "weight")], dict(padding_idx=_arg(a, k, 2, "padding_idx"))
+
+
+def _aten_embedding(a, k):  # aten.embedding(weight, indices, padding_idx=-1, ...)
+    pad = _arg(a, k, 2, "padding_idx", -1)
+    return "embedding", [a[1], a[0]], dict(padding_idx=None if pad == -1 else pad)
+
+
+def _binary(name):
+    def convert(a, k):
+        if _arg(a, k, 2, "alpha", 1) != 1 or len(a) < 2:
+            return None
+        return name, [a[0], a[1]], {}
+    return convert
+
+
+def _unary(name):
+    return lambda a, k: (name, [a[0]], {})
+
+
+def _gelu(a, k):
+    return "gelu", [a[0]], dict(approximate=_arg(a, k, 1, "approximate", "none"))
+
+
+def _softmax(a, k):
+    if _arg(a, k, 2, "dtype", None) is not None or _arg(a, k, 2, "half_to_float", False) is True:
+        return None
+    return "softmax", [a[0]], dict(dim=_arg(a, k, 1, "dim", -1))
+
+
+def _dropout(a, k):
+    if _arg(a, k, 2, "training", _arg(a, k, 2, "train", False)):
+        return None
+    return "identity", [a[0]], {}
+
+
+_FUNCTIONS = {
+    F.conv1d: _conv, F.conv2d: _conv, F.conv3d: _conv, torch.conv1d: _conv, torch.conv2d: _conv, torch.conv3d: _conv,
+    F.linear: _linear, F.batch_norm: _f_batch_norm, F.layer_norm: _f_layer_norm, torch.layer_norm: _f_layer_norm,
+    F.group_norm: _f_group_norm, F.embedding: _f_embedding,
+    operator.add: _binary("add"), torch.add: _binary("add"), operator.sub: _binary("sub"), torch.sub: _binary("sub"),
+    operator.mul: _binary("mul"), torch.mul: _binary("mul"), operator.truediv: _binary("div"), torch.div: _binary("div"),
+    operator.matmul: _binary("matmul"), torch.matmul: _binary("matmul"),
+    F.relu: _unary("relu"), torch.relu: _unary("relu"), F.gelu: _gelu, F.silu: _unary("silu"),
+    torch.tanh: _unary("tanh"), torch.sigmoid: _unary("sigmoid"), F.sigmoid: _unary("sigmoid"), F.tanh: _unary("tanh"),
+    torch.softmax: _softmax, F.softmax: _softmax, F.dropout: _dropout,
+}
+if hasattr(F, "rms_norm"):
+    _FUNCTIONS[F.rms_norm] = _f_rms_norm
+
+_METHODS = {"add": _binary("add"), "sub": _binary("sub"), "mul": _binary("mul"), "div": _binary("div"),
+            "matmul": _binary("matmul"), "relu": _unary("relu"), "sigmoid": _unary("sigmoid"),
+            "tanh": _unary("tanh"), "softmax": _softmax}
+
+_ATEN = {
+    "conv1d": _conv, "conv2d": _conv, "conv3d": _conv, "convolution": _aten_convolution, "linear": _linear,
+    "batch_norm": _aten_batch_norm, "_native_batch_norm_legit_no_training": _aten_bn_no_training,
+    "layer_norm": _f_layer_norm, "native_layer_norm": _f_layer_norm, "rms_norm": _f_rms_norm,
+    "group_norm": _f_group_norm, "embedding": _aten_embedding,
+    "add": _binary("add"), "sub": _binary("sub"), "mul": _binary("mul"), "div": _binary("div"),
+    "matmul": _binary("matmul"), "relu": _unary("relu"), "gelu": _gelu, "silu": _unary("silu"),
+    "tanh": _unary("tanh"), "sigmoid": _unary("sigmoid"), "softmax": _softmax, "_softmax": _softmax,
+    "dropout": _dropout,
+}
+# ops that return a tuple whose first element is the result (the others are saved statistics)
+_TUPLE_RESULT = {"_native_batch_norm_legit_no_training", "native_layer_norm"}
+
+
+def _translate(gm: fx.GraphModule, node: fx.Node):
+    if node.op == "call_module":
+        return _from_module(_Ctx(gm, node), gm.get_submodule(node.target), node.args, node.kwargs)
+    if node.op == "call_method":
+        conv = _METHODS.get(node.target)
+        return conv(node.args, node.kwargs) if conv else None
+    if node.op == "call_function":
+        if node.target in _FUNCTIONS:
+            return _FUNCTIONS[node.target](node.args, node.kwargs)
+        base = aten_base(node.target)
+        if base is not None and base in _ATEN:
+            if base.endswith("_") and base not in ("_softmax",):
+                return None  # in-place variant: not ours to move
+            return _ATEN[base](node.args, node.kwargs)
+    return None
+
+
+def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite `gm` in place into canonical ops; returns it."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        if node.op == "call_function" and node.target in ops.IMPL_TO_NAME:
+            continue
+        path, mtype = module_path(node), module_type(node)
+        if node.op == "call_module":
+            mtype = type(gm.get_submodule(node.target)).__name__
+        translated = _translate(gm, node)
+        if translated is None:
+            continue
+        name, operands, attrs = translated
+        if name == "identity":
+            node.replace_all_uses_with(operands[0])
+            graph.erase_node(node)
+            continue
+        schema = ops.OPS[name]
+        operands = list(operands) + [None] * (len(schema.operands) - len(operands))
+        with graph.inserting_before(node):
+            new = graph.call_function(schema.impl, tuple(operands), attrs)
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "val", "tensor_meta")})
+        new.meta["normc_path"], new.meta["normc_module_type"] = path, mtype
+        new.name  # keep fx's unique name
+        base = aten_base(node.target) if node.op == "call_function" else None
+        if base in _TUPLE_RESULT:
+            for user in list(node.users):
+                if user.op == "call_function" and user.target is operator.getitem and user.args[1] == 0:
+                    user.replace_all_uses_with(new)
+                    graph.erase_node(user)
+            if node.users:  # statistics outputs are used: leave the original in place
+                graph.erase_node(new)
+                continue
+        else:
+            node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm
