@@ -1,0 +1,296 @@
+"""ONNX lowering (torch.onnx dynamo exporter) and its onnxruntime check."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from normc.atomic import atomic_path
+from normc.backends.torch_backend import one_line
+from normc.errors import NormcError
+from normc.verify.compare import (
+    OutputDiff,
+    Tolerance,
+    VerifyResult,
+    compare_leaves,
+    first_floating_dtype,
+    flatten_outputs,
+    merge_worst,
+    run_model,
+    summarize,
+)
+
+# protobuf cannot hold a single message over 2 GiB; above this the weights go to a side file
+_EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Hide the exporter's chatter ('torchvision is not installed', internal deprecations)."""
+    names = ["torch.onnx._internal.exporter._registration", "torch.onnx._internal.exporter"]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():  # torch-internal deprecation notices, not the user's concern
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _param_bytes(module: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def export_onnx(
+    module: nn.Module,
+    example_args: tuple,
+    example_kwargs: dict | None,
+    path: str | os.PathLike,
+    opset: int = 18,
+    *,
+    optimize: bool = True,
+    external_data: bool | None = None,
+) -> Path:
+    """Export with ``torch.onnx.export(dynamo=True)`` and write ``path`` atomically.
+
+    ``external_data`` None: weights inline unless the model is too large for one protobuf
+    (then ``<name>.data`` beside the model). Graph inputs are named after the forward
+    arguments (``None`` arguments are dropped); outputs follow :func:`flatten_outputs` order.
+    """
+    path = Path(path)
+    if external_data is None:
+        external_data = _param_bytes(module) > _EXTERNAL_DATA_BYTES
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                module,
+                tuple(example_args),
+                kwargs=dict(example_kwargs or {}),
+                dynamo=True,
+                opset_version=int(opset),
+                external_data=bool(external_data),
+                optimize=optimize,
+                verbose=False,
+            )
+    except NormcError:
+        raise
+    except Exception as exc:
+        cause = one_line(exc)
+        if "No ONNX function found" in cause or "DispatchError" in cause:
+            hint = (f"an op has no ONNX translation at opset {opset}: try a newer opset, "
+                    "or rewrite it into ops ONNX knows")
+        else:
+            hint = ("export to torch (.pt2) first to see whether torch.export accepts the model, "
+                    "or try another opset")
+        raise NormcError(f"ONNX export (opset {opset}) failed: {cause}", hint=hint) from exc
+    if program is None:  # only the legacy exporter returns None
+        raise NormcError("ONNX export returned no program", hint="use torch>=2.5 with the dynamo exporter")
+
+    try:
+        if not external_data:
+            with atomic_path(path) as tmp:
+                program.save(str(tmp), external_data=False)
+        else:
+            _save_with_external_data(program, path)
+    except NormcError:
+        raise
+    except Exception as exc:
+        raise NormcError(f"cannot write {path}: {one_line(exc)}",
+                         hint="check free disk space and permissions of the output folder") from exc
+    return path
+
+
+def _save_with_external_data(program: Any, path: Path) -> None:
+    """Model + ``<name>.data``: written under their final names in a scratch folder beside
+    the target, then moved (data first, model last) so a failure leaves neither."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        program.save(str(scratch / path.name), external_data=True)
+        for f in sorted(scratch.iterdir(), key=lambda p: p.name == path.name):
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- onnxruntime
+def ort_session(path: str | os.PathLike, threads: int | None = None):
+    """An onnxruntime CPU session with thread spinning off (spinning threads steal CPU
+    from whatever runs next, which skews benchmarks on small machines)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise NormcError(f"onnxruntime cannot load {path}: {one_line(exc)}",
+                         hint="re-export the model, or try a lower opset") from exc
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        t = t.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            raise NormcError("onnxruntime's Python API cannot take bfloat16 inputs from numpy",
+                             hint="verify the ONNX model with float32 or float16 inputs")
+        return t.numpy()
+    return np.asarray(t)
+
+
+def _named_leaves(prefix: str, value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, torch.Tensor):
+        return [(prefix, value)]
+    leaves = [x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)]
+    return [(f"{prefix}_{i}", x) for i, x in enumerate(leaves)]
+
+
+def run_onnx(session: Any, args: tuple, kwargs: dict | None = None) -> list[np.ndarray]:
+    """Run ``session`` on torch inputs; returns the graph outputs in order.
+
+    Keyword tensors go to the graph input of the same name; the remaining graph inputs
+    take the positional tensors (nested ones flattened) in order. ``None`` and Python
+    scalars are skipped: the exporter drops the former and bakes the latter in.
+    """
+    graph_inputs = [i.name for i in session.get_inputs()]
+    feed: dict[str, np.ndarray] = {}
+    leftovers: list[Any] = []
+    for key, value in (kwargs or {}).items():
+        for name, t in _named_leaves(key, value):
+            if name in graph_inputs:
+                feed[name] = _to_numpy(t)
+            else:
+                leftovers.append(t)
+    positional = [x for x in pytree.tree_leaves(tuple(args)) if isinstance(x, torch.Tensor)] + leftovers
+    free = [n for n in graph_inputs if n not in feed]
+    if len(positional) != len(free):
+        raise NormcError(
+            f"the ONNX graph takes {len(graph_inputs)} input(s) ({', '.join(graph_inputs)}) "
+            f"but {len(positional) + len(feed)} tensor(s) were given",
+            hint="call with the same arguments the model was exported with",
+        )
+    for name, t in zip(free, positional):
+        feed[name] = _to_numpy(t)
+    try:
+        return list(session.run(None, feed))
+    except Exception as exc:
+        raise NormcError(f"onnxruntime failed: {one_line(exc)}",
+                         hint="inputs must have the shapes and dtypes used at export") from exc
+
+
+def check_onnx(
+    path: str | os.PathLike,
+    module: nn.Module,
+    inputs: list[tuple[tuple, dict]],
+    tol: Tolerance | None = None,
+    *,
+    session: Any = None,
+) -> VerifyResult:
+    """Run the torch module and onnxruntime on the same inputs and compare every output
+    leaf (ONNX output i = i-th leaf of :func:`flatten_outputs`) with the verify metrics."""
+    if not inputs:
+        raise NormcError("no inputs to check the ONNX model with",
+                         hint="declare an `input` shape or pass calibration data")
+    sess = session if session is not None else ort_session(path)
+    out_names = [o.name for o in sess.get_outputs()]
+    per_input: list[list[OutputDiff]] = []
+    for args, kwargs in inputs:
+        ref_leaves = flatten_outputs(run_model(module, args, kwargs))
+        outs = run_onnx(sess, args, kwargs)
+        if len(outs) != len(ref_leaves):
+            raise NormcError(
+                f"the ONNX model has {len(outs)} output(s) ({', '.join(out_names)}) "
+                f"but the torch module {len(ref_leaves)}",
+                hint="re-export the model from the same module",
+            )
+        new_leaves = [(name, torch.from_numpy(np.ascontiguousarray(o))) for (name, _), o in zip(ref_leaves, outs)]
+        if tol is None:
+            tol = Tolerance.default_for(first_floating_dtype(ref_leaves))
+        per_input.append(compare_leaves(ref_leaves, new_leaves, tol))
+    return summarize(merge_worst(per_input), len(inputs), tol)
+
+
+# --------------------------------------------------------------------------- inspection
+def _iter_nodes(graph: Any):
+    import onnx
+
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:  # subgraphs of If / Loop / Scan
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _iter_nodes(g)
+
+
+def onnx_op_counts(path_or_model: str | os.PathLike | Any) -> dict[str, int]:
+    """``op_type -> count`` over the whole model: local functions inlined first, subgraphs
+    included. Ops outside the standard domain are keyed ``domain::op_type``."""
+    import onnx
+
+    if isinstance(path_or_model, onnx.ModelProto):
+        model = path_or_model
+    else:
+        try:
+            model = onnx.load(str(path_or_model), load_external_data=False)
+        except Exception as exc:
+            raise NormcError(f"cannot read ONNX file {path_or_model}: {one_line(exc)}") from exc
+    if model.functions:
+        try:
+            import onnx.inliner
+
+            model = onnx.inliner.inline_local_functions(model)
+        except Exception:  # old onnx: count function bodies once per call site by hand
+            model = _inline_by_hand(model)
+    counts: Counter[str] = Counter()
+    for node in _iter_nodes(model.graph):
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        counts[key] += 1
+    return dict(sorted(counts.items()))
+
+
+def _inline_by_hand(model: Any) -> Any:
+    import onnx
+
+    funcs = {(f.domain, f.name): f for f in model.functions}
+    graph = onnx.GraphProto()
+
+    def expand(nodes: Sequence[Any], depth: int = 0):
+        for n in nodes:
+            f = funcs.get((n.domain, n.op_type))
+            if f is not None and depth < 32:
+                yield from expand(f.node, depth + 1)
+            else:
+                yield n
+
+    graph.node.extend(expand(model.graph.node))
+    out = onnx.ModelProto()
+    out.graph.CopyFrom(graph)
+    return out
