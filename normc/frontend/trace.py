@@ -1,0 +1,288 @@
+"""Tracing a loaded model to a torch.fx GraphModule.
+
+Plain ``nn.Module`` models are tried with ``torch.fx.symbolic_trace`` first (module-level
+graph: ``call_module`` nodes for Conv2d/BatchNorm2d/Linear/...); when that fails, or the
+traced graph does not reproduce the model, normc falls back to ``torch.export``.
+Hugging Face models and ``.pt2`` programs always go through ``torch.export``
+(``strict=False``), followed by ``run_decompositions({})``: the result is a functional
+ATen graph (no in-place ops such as ``aten.add_``; eval ``dropout`` becomes ``clone``;
+``aten.batch_norm`` becomes ``aten._native_batch_norm_legit_no_training`` + ``getitem``;
+``conv2d``, ``linear``, ``layer_norm`` stay as they are).
+
+In both cases the parameters appear as ``get_attr`` nodes whose targets are the original
+dotted names (``encoder.stages.0...convolution.weight``), and every node traced inside a
+submodule records where it came from in ``meta["normc_module_path"]`` and
+``meta["normc_module_type"]`` (from torch's ``meta["nn_module_stack"]``; nodes at the top
+level get ``""``). Nodes without that information in torch get no such key.
+
+The graph module owns its weights: they are copied from the loaded module, so rewriting
+them never changes ``LoadedModel.module`` (the reference verification runs against).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+
+from normc.errors import NormcError
+from normc.frontend.specs import LoadedModel, set_eval
+
+SYMBOLIC = "symbolic_trace"
+EXPORT = "torch.export"
+
+
+@dataclass
+class TraceResult:
+    graph_module: fx.GraphModule
+    method: str  # "symbolic_trace" or "torch.export"
+    notes: list[str] = field(default_factory=list)
+    # The decomposed ExportedProgram the graph module came from (torch.export only). It may
+    # share weights with the loaded model; rewrite graph_module, not this.
+    exported_program: Any = None
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    msg = lines[0] if lines else ""
+    if len(msg) > 300:
+        msg = msg[:297] + "..."
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def compare_outputs(ref: Any, got: Any, rel_tol: float = 1e-4) -> tuple[bool, float, str]:
+    """Compare two nested outputs leaf by leaf.
+
+    Returns ``(ok, max_abs_error, reason)``; tensors match when
+    ``max|ref - got| <= rel_tol * max(1, max|ref|)``.
+    """
+    ref_leaves, ref_spec = tree_flatten(ref)
+    got_leaves, got_spec = tree_flatten(got)
+    if len(ref_leaves) != len(got_leaves):
+        return False, float("inf"), f"{len(ref_leaves)} outputs expected, got {len(got_leaves)}"
+    worst = 0.0
+    for i, (a, b) in enumerate(zip(ref_leaves, got_leaves)):
+        if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+            return False, float("inf"), f"output {i}: {type(a).__name__} vs {type(b).__name__}"
+        if not isinstance(a, torch.Tensor):
+            if a != b:
+                return False, float("inf"), f"output {i}: {a!r} vs {b!r}"
+            continue
+        if a.shape != b.shape:
+            return False, float("inf"), f"output {i}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        if a.numel() == 0:
+            continue
+        if not (a.is_floating_point() or a.is_complex()):
+            if not torch.equal(a, b.to(a.dtype)):
+                return False, float("inf"), f"output {i}: integer values differ"
+            continue
+        a64, b64 = a.detach().double(), b.detach().double()
+        both_nan = torch.isnan(a64) & torch.isnan(b64)
+        err = torch.where(both_nan, torch.zeros_like(a64), (a64 - b64).abs())
+        max_err = float(err.max()) if err.numel() else 0.0
+        if max_err != max_err:  # nan
+            return False, float("inf"), f"output {i}: NaN where the model has a number"
+        scale = max(1.0, float(a64.abs().nan_to_num(0.0).max()))
+        worst = max(worst, max_err)
+        if max_err > rel_tol * scale:
+            return False, worst, f"output {i}: max abs error {max_err:.3g} (output magnitude {scale:.3g})"
+    return True, worst, ""
+
+
+# --------------------------------------------------------------------------- annotations
+
+
+def _type_name(t: Any) -> str:
+    if isinstance(t, type):
+        return f"{t.__module__}.{t.__qualname__}"
+    return str(t)
+
+
+def annotate_module_paths(gm: fx.GraphModule, missing_means_top: bool = False) -> int:
+    """Copy the innermost entry of torch's ``nn_module_stack`` into ``normc_module_path`` /
+    ``normc_module_type``; return how many nodes got one.
+
+    ``missing_means_top``: symbolic_trace leaves ``nn_module_stack`` out for nodes at the
+    top level of the model; with this flag such call nodes get path ``""``."""
+    n_done = 0
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        path: str | None = None
+        typ: str | None = None
+        if node.op == "call_module":
+            path = str(node.target)
+            try:
+                typ = _type_name(type(gm.get_submodule(path)))
+            except AttributeError:
+                typ = None
+        stack = node.meta.get("nn_module_stack")
+        if path is None and stack:
+            last = list(stack.values())[-1]
+            if isinstance(last, tuple) and len(last) == 2:
+                path, typ = str(last[0]), _type_name(last[1])
+        if path is None and stack is not None:
+            path = ""  # empty stack: the node is at the top level of the model
+        if path is None and missing_means_top and node.op in ("call_function", "call_method"):
+            path = ""
+        if path is not None:
+            node.meta["normc_module_path"] = path
+            if typ is not None:
+                node.meta["normc_module_type"] = typ
+            n_done += 1
+    return n_done
+
+
+def module_path(node: fx.Node) -> str | None:
+    """The dotted path of the module a node was traced in ("" = top level), if known."""
+    return node.meta.get("normc_module_path")
+
+
+def inplace_ops(gm: fx.GraphModule) -> list[str]:
+    """Names of the mutating ATen ops left in ``gm`` (``aten.add_`` etc.)."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            if node.target._schema.is_mutable:
+                found.append(str(node.target))
+    return found
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+def _own_copy(module: torch.nn.Module, notes: list[str]) -> torch.nn.Module:
+    try:
+        return copy.deepcopy(module)
+    except Exception as e:  # noqa: BLE001
+        notes.append(f"could not copy the model ({_one_line(e)}); the graph shares its weights")
+        return module
+
+
+def _reference(loaded: LoadedModel) -> Any:
+    with torch.no_grad():
+        return loaded.module(*loaded.example_args, **loaded.example_kwargs)
+
+
+def _symbolic(module: torch.nn.Module, loaded: LoadedModel, ref: Any) -> fx.GraphModule:
+    gm = fx.symbolic_trace(module)
+    with torch.no_grad():
+        if loaded.example_kwargs:
+            out = gm(*loaded.example_args, **loaded.example_kwargs)
+        else:
+            from torch.fx.passes.shape_prop import ShapeProp
+
+            out = ShapeProp(gm).propagate(*loaded.example_args)  # also records meta["tensor_meta"]
+    ok, _, reason = compare_outputs(ref, out)
+    if not ok:
+        raise RuntimeError(f"the traced graph does not reproduce the model ({reason})")
+    return gm
+
+
+def _finish_export(ep, loaded: LoadedModel, ref: Any, notes: list[str]) -> tuple[fx.GraphModule, Any]:
+    ep = ep.run_decompositions({})
+    gm = ep.module()
+    training_bn = [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and str(n.target) in (
+        "aten._native_batch_norm_legit_functional.default", "aten._native_batch_norm_legit.default",
+        "aten.native_batch_norm.default")]
+    if training_bn:
+        notes.append(f"{len(training_bn)} batch norms run in training mode (the model was exported in "
+                     "train mode); re-export it after model.eval()")
+    left = inplace_ops(gm)
+    if left:
+        notes.append("in-place ops remain after decomposition: " + ", ".join(sorted(set(left))))
+    with torch.no_grad():
+        out = gm(*loaded.example_args, **loaded.example_kwargs)
+    ok, _, reason = compare_outputs(ref, out)
+    if not ok:
+        raise NormcError(
+            f"the torch.export graph of `{loaded.source}` does not reproduce the model: {reason}",
+            hint="the model's forward probably depends on Python state that tracing freezes; "
+            "make it deterministic in eval mode",
+        )
+    return gm, ep
+
+
+def _quiet(fn):
+    """Hide torch's own deprecation chatter (e.g. pytree ``LeafSpec``) raised inside export."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_quiet
+def trace_model(loaded: LoadedModel, *, copy_weights: bool = True) -> TraceResult:
+    """Trace ``loaded`` to an FX GraphModule that reproduces it on the example inputs.
+
+    ``copy_weights``: give the graph its own copy of the weights (default), so rewriting
+    them leaves ``loaded.module`` untouched.
+    """
+    if loaded.example_args is None:
+        raise NormcError(f"`{loaded.source}` has no example inputs to trace with",
+                         hint="declare the inputs in the .nc file, e.g. `input x: f32[1, 3, 224, 224]`")
+    notes: list[str] = []
+    set_eval(loaded.module)
+    try:
+        ref = _reference(loaded)
+    except Exception as e:  # noqa: BLE001
+        raise NormcError(f"running `{loaded.source}` on its example inputs failed: {_one_line(e)}",
+                         hint="check the declared input shapes and dtypes against the model's forward") from e
+
+    if loaded.exported_program is not None:
+        ep = loaded.exported_program
+        try:
+            gm, ep = _finish_export(ep, loaded, ref, notes)
+        except NormcError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise NormcError(f"decomposing the exported program `{loaded.source}` failed: {_one_line(e)}",
+                             hint="re-export the model with the torch version installed here") from e
+        if copy_weights:
+            gm = _own_copy(gm, notes)
+        result = TraceResult(gm, EXPORT, notes, ep)
+        annotate_module_paths(result.graph_module)
+        return result
+
+    module = _own_copy(loaded.module, notes) if copy_weights else loaded.module
+
+    if not loaded.is_hf:
+        try:
+            gm = _symbolic(module, loaded, ref)
+            annotate_module_paths(gm, missing_means_top=True)
+            return TraceResult(gm, SYMBOLIC, notes)
+        except Exception as e:  # noqa: BLE001 - any failure means: try torch.export instead
+            notes.append(f"symbolic_trace failed ({_one_line(e)}); used torch.export instead")
+    else:
+        notes.append("Hugging Face model: traced with torch.export")
+
+    try:
+        ep = torch.export.export(module, tuple(loaded.example_args), dict(loaded.example_kwargs), strict=False)
+    except Exception as e:  # noqa: BLE001
+        why = "; symbolic_trace also failed" if any(n.startswith("symbolic_trace failed") for n in notes) else ""
+        raise NormcError(
+            f"cannot trace `{loaded.source}` with torch.export: {_one_line(e)}{why}",
+            hint="remove data-dependent Python control flow from forward (or set config.use_cache=False "
+            "for Hugging Face models); see the torch.export docs on graph breaks",
+        ) from e
+    try:
+        gm, ep = _finish_export(ep, loaded, ref, notes)
+    except NormcError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise NormcError(f"the torch.export graph of `{loaded.source}` does not run: {_one_line(e)}",
+                         hint="report this model to the normc authors with the torch version") from e
+    annotate_module_paths(gm)
+    return TraceResult(gm, EXPORT, notes, ep)

@@ -1,0 +1,282 @@
+"""Built-in models (`zoo:NAME`): small, deterministic, random weights, no downloads.
+
+Every builder seeds its own RNG (the caller's global RNG state is restored afterwards)
+and randomizes norm statistics and affines so that folding them is never a no-op.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from normc.errors import NormcError
+from normc.frontend.specs import InputSpec, LoadedModel
+
+ZOO_SEED = 0
+
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def _uniform(shape, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return torch.rand(shape, generator=g) * (hi - lo) + lo
+
+
+def _normal(shape, std: float, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=g) * std
+
+
+@torch.no_grad()
+def randomize_norms(module: nn.Module, generator: torch.Generator) -> int:
+    """Give every norm in ``module`` non-trivial statistics and affines; return how many.
+
+    BatchNorm*: running_mean ~ 0.1*N(0,1), running_var ~ U(0.5, 2), weight ~ U(0.5, 1.5),
+    bias ~ 0.1*N(0,1). LayerNorm, GroupNorm, RMSNorm and any other module whose class name
+    contains "Norm" and that owns a ``weight`` parameter (e.g. HF ``LlamaRMSNorm``):
+    weight ~ U(0.5, 1.5), bias (if any) ~ 0.1*N(0,1).
+    """
+    g = generator
+    count = 0
+    for m in module.modules():
+        if isinstance(m, _BN_TYPES):
+            if m.running_mean is not None:
+                m.running_mean.copy_(_normal(m.running_mean.shape, 0.1, g))
+                m.running_var.copy_(_uniform(m.running_var.shape, 0.5, 2.0, g))
+            if m.weight is not None:
+                m.weight.copy_(_uniform(m.weight.shape, 0.5, 1.5, g))
+            if m.bias is not None:
+                m.bias.copy_(_normal(m.bias.shape, 0.1, g))
+            count += 1
+            continue
+        is_norm = isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or (
+            "Norm" in type(m).__name__ and isinstance(getattr(m, "weight", None), nn.Parameter)
+        )
+        if not is_norm:
+            continue
+        w = getattr(m, "weight", None)
+        b = getattr(m, "bias", None)
+        touched = False
+        if isinstance(w, torch.Tensor):
+            w.copy_(_uniform(w.shape, 0.5, 1.5, g).to(w.dtype))
+            touched = True
+        if isinstance(b, torch.Tensor):
+            b.copy_(_normal(b.shape, 0.1, g).to(b.dtype))
+            touched = True
+        count += touched
+    return count
+
+
+@dataclass
+class ZooEntry:
+    name: str
+    description: str
+    build: Callable[[], LoadedModel]
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+class _seeded:
+    """Context: fork the global CPU RNG, seed it, restore the caller's state on exit."""
+
+    def __init__(self, seed: int = ZOO_SEED):
+        self.seed = seed
+
+    def __enter__(self) -> torch.Generator:
+        self._fork = torch.random.fork_rng(devices=[])
+        self._fork.__enter__()
+        torch.manual_seed(self.seed)
+        return torch.Generator().manual_seed(self.seed + 1)
+
+    def __exit__(self, *exc):
+        return self._fork.__exit__(*exc)
+
+
+# --------------------------------------------------------------------------- cnn
+
+
+class SmallCNN(nn.Module):
+    """conv-bn-relu (with and without conv bias), depthwise conv+BN, grouped conv+BN,
+    a Conv1d+BatchNorm1d branch and a Linear+BatchNorm1d head. symbolic_trace-able."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=True)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.dwconv = nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False)
+        self.dwbn = nn.BatchNorm2d(32)
+        self.gconv = nn.Conv2d(32, 64, 3, stride=2, padding=1, groups=4, bias=True)
+        self.gbn = nn.BatchNorm2d(64)
+        self.seq_conv = nn.Conv1d(64, 64, 3, padding=1, bias=False)
+        self.seq_bn = nn.BatchNorm1d(64)
+        self.fc1 = nn.Linear(64, 32)
+        self.fc_bn = nn.BatchNorm1d(32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.dwbn(self.dwconv(x)))
+        x = F.relu(self.gbn(self.gconv(x)))  # [B, 64, 8, 8]
+        seq = torch.flatten(x, 2)  # [B, 64, 64]
+        seq = F.relu(self.seq_bn(self.seq_conv(seq)))
+        h = x.mean(dim=(2, 3)) + seq.mean(dim=2)  # [B, 64]
+        h = F.relu(self.fc_bn(self.fc1(h)))
+        return self.fc2(h)
+
+
+def _build_cnn() -> LoadedModel:
+    with _seeded() as g:
+        m = SmallCNN()
+        randomize_norms(m, g)
+        x = torch.randn(2, 3, 32, 32, generator=g)
+    m.eval()
+    return LoadedModel(m, (x,), {}, [InputSpec("x", (2, 3, 32, 32), torch.float32)], "zoo:cnn", False)
+
+
+# --------------------------------------------------------------------------- HF models
+
+
+def _hf_finish(name: str, model: nn.Module, g: torch.Generator, example: torch.Tensor, spec: InputSpec) -> LoadedModel:
+    randomize_norms(model, g)
+    model.eval()
+    return LoadedModel(model, (example,), {}, [spec], f"zoo:{name}", True)
+
+
+_VOCAB = 256
+_SEQ = 16
+
+
+def _ids(g: torch.Generator) -> tuple[torch.Tensor, InputSpec]:
+    spec = InputSpec("input_ids", (1, _SEQ), torch.int64, 0, _VOCAB)
+    return spec.sample(g), spec
+
+
+def _pixels(g: torch.Generator, shape) -> tuple[torch.Tensor, InputSpec]:
+    spec = InputSpec("pixel_values", shape, torch.float32)
+    return spec.sample(g), spec
+
+
+def _build_resnet18() -> LoadedModel:
+    from transformers import ResNetConfig, ResNetModel
+
+    cfg = ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
+                       layer_type="basic")
+    with _seeded() as g:
+        m = ResNetModel(cfg)
+        x, spec = _pixels(g, (1, 3, 224, 224))
+        return _hf_finish("resnet18", m, g, x, spec)
+
+
+def _lm(name: str, build: Callable[[], nn.Module]) -> LoadedModel:
+    with _seeded() as g:
+        m = build()
+        x, spec = _ids(g)
+        return _hf_finish(name, m, g, x, spec)
+
+
+def _build_gpt2() -> LoadedModel:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=_VOCAB, n_positions=64,
+                     bos_token_id=0, eos_token_id=0, use_cache=False, attn_implementation="eager")
+    return _lm("gpt2", lambda: GPT2LMHeadModel(cfg))
+
+
+def _build_opt() -> LoadedModel:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(num_hidden_layers=2, hidden_size=64, ffn_dim=128, num_attention_heads=4,
+                    vocab_size=_VOCAB, max_position_embeddings=64, word_embed_proj_dim=64,
+                    do_layer_norm_before=True, use_cache=False, attn_implementation="eager")
+    return _lm("opt", lambda: OPTForCausalLM(cfg))
+
+
+def _build_vit() -> LoadedModel:
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                    image_size=32, patch_size=8, attn_implementation="eager")
+    with _seeded() as g:
+        m = ViTModel(cfg, add_pooling_layer=False)
+        x, spec = _pixels(g, (1, 3, 32, 32))
+        return _hf_finish("vit", m, g, x, spec)
+
+
+def _decoder_kwargs() -> dict:
+    return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=_VOCAB, max_position_embeddings=64,
+                bos_token_id=1, eos_token_id=2, use_cache=False, attn_implementation="eager")
+
+
+def _build_llama() -> LoadedModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**_decoder_kwargs())
+    return _lm("llama", lambda: LlamaForCausalLM(cfg))
+
+
+def _build_qwen2() -> LoadedModel:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(**_decoder_kwargs())
+    return _lm("qwen2", lambda: Qwen2ForCausalLM(cfg))
+
+
+def _build_mistral() -> LoadedModel:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(**_decoder_kwargs())
+    return _lm("mistral", lambda: MistralForCausalLM(cfg))
+
+
+def _build_bert() -> LoadedModel:
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                     vocab_size=_VOCAB, max_position_embeddings=64, attn_implementation="eager")
+    return _lm("bert", lambda: BertModel(cfg))
+
+
+ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in [
+        ZooEntry("resnet18", "HF ResNetModel, ResNet-18 layout (basic blocks, 20 BatchNorm2d); "
+                 "pixel_values [1,3,224,224]", _build_resnet18, ("cnn", "batch_norm", "hf")),
+        ZooEntry("cnn", "small plain-nn CNN: conv/depthwise/grouped conv + BN, Conv1d+BN1d, "
+                 "Linear+BN1d head; x [2,3,32,32]", _build_cnn, ("cnn", "batch_norm")),
+        ZooEntry("gpt2", "HF GPT2LMHeadModel, 2 layers, d=64, pre-LN, Conv1D projections, "
+                 "head tied to wte; input_ids [1,16]", _build_gpt2, ("transformer", "pre_ln", "tied", "hf")),
+        ZooEntry("opt", "HF OPTForCausalLM, 2 layers, d=64, pre-LN; input_ids [1,16]", _build_opt,
+                 ("transformer", "pre_ln", "tied", "hf")),
+        ZooEntry("vit", "HF ViTModel, 2 layers, d=64, pre-LN, CLS token, no pooler; "
+                 "pixel_values [1,3,32,32]", _build_vit, ("transformer", "pre_ln", "hf")),
+        ZooEntry("llama", "HF LlamaForCausalLM, 2 layers, d=64, RMSNorm, GQA; input_ids [1,16]",
+                 _build_llama, ("transformer", "rms_norm", "hf")),
+        ZooEntry("qwen2", "HF Qwen2ForCausalLM, 2 layers, d=64, RMSNorm, GQA; input_ids [1,16]",
+                 _build_qwen2, ("transformer", "rms_norm", "hf")),
+        ZooEntry("mistral", "HF MistralForCausalLM, 2 layers, d=64, RMSNorm, GQA; input_ids [1,16]",
+                 _build_mistral, ("transformer", "rms_norm", "hf")),
+        ZooEntry("bert", "HF BertModel, 2 layers, d=64, post-LN, with pooler; input_ids [1,16]",
+                 _build_bert, ("transformer", "post_ln", "hf")),
+    ]
+}
+
+
+def zoo_names() -> list[str]:
+    return list(ZOO)
+
+
+def load_zoo(name: str) -> LoadedModel:
+    entry = ZOO.get(name)
+    if entry is None:
+        close = difflib.get_close_matches(name, ZOO, n=1)
+        hint = (f"did you mean `zoo:{close[0]}`? " if close else "") + "built-in models: " + ", ".join(ZOO)
+        raise NormcError(f"no built-in model named `{name}`", hint=hint)
+    loaded = entry.build()
+    loaded.source = f"zoo:{name}"
+    return loaded
