@@ -44,6 +44,13 @@ def _tuple(v, n):
 def _from_module(ctx: _Ctx, mod: nn.Module, args, kwargs):
     t = ctx.node.target
     x = args[0] if args else kwargs.get("input")
+    describe = getattr(mod, "__normc_canonical__", None)
+    if describe is not None:  # normc's own modules (normc.nn) say what they are
+        found = describe()
+        if found is None:
+            return None
+        name, param_names, attrs = found
+        return name, [x] + [ctx.param(t, p) if p else None for p in param_names], attrs
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.padding_mode == "zeros":
         return "conv", [x, ctx.param(t, "weight"), ctx.param(t, "bias")], dict(
             stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups)
@@ -168,6 +175,26 @@ def _softmax(a, k):
     return "softmax", [a[0]], dict(dim=_arg(a, k, 1, "dim", -1))
 
 
+def _mean(a, k):
+    dim = _arg(a, k, 1, "dim", None)
+    if dim is None or _arg(a, k, 3, "dtype", None) is not None:
+        return None
+    return "reduce_mean", [a[0]], dict(dim=list(_tuple(dim, 1)), keepdim=bool(_arg(a, k, 2, "keepdim", False)))
+
+
+def _pow(a, k):
+    exp = _arg(a, k, 1, "exponent")
+    if not isinstance(exp, (int, float)):
+        return None
+    return "power", [a[0]], dict(exponent=exp)
+
+
+def _to_copy(a, k):
+    if set(k) - {"dtype"} or len(a) > 1:
+        return None
+    return "cast", [a[0]], dict(dtype=k.get("dtype"))
+
+
 def _dropout(a, k):
     if _arg(a, k, 2, "training", _arg(a, k, 2, "train", False)):
         return None
@@ -180,7 +207,8 @@ _FUNCTIONS = {
     F.group_norm: _f_group_norm, F.embedding: _f_embedding,
     operator.add: _binary("add"), torch.add: _binary("add"), operator.sub: _binary("sub"), torch.sub: _binary("sub"),
     operator.mul: _binary("mul"), torch.mul: _binary("mul"), operator.truediv: _binary("div"), torch.div: _binary("div"),
-    operator.matmul: _binary("matmul"), torch.matmul: _binary("matmul"),
+    operator.matmul: _binary("matmul"), torch.matmul: _binary("matmul"), operator.pow: _pow, torch.pow: _pow,
+    torch.rsqrt: _unary("inv_sqrt"), torch.mean: _mean,
     F.relu: _unary("relu"), torch.relu: _unary("relu"), F.gelu: _gelu, F.silu: _unary("silu"),
     torch.tanh: _unary("tanh"), torch.sigmoid: _unary("sigmoid"), F.sigmoid: _unary("sigmoid"), F.tanh: _unary("tanh"),
     torch.softmax: _softmax, F.softmax: _softmax, F.dropout: _dropout,
@@ -188,7 +216,7 @@ _FUNCTIONS = {
 if hasattr(F, "rms_norm"):
     _FUNCTIONS[F.rms_norm] = _f_rms_norm
 
-_METHODS = {"add": _binary("add"), "sub": _binary("sub"), "mul": _binary("mul"), "div": _binary("div"),
+_METHODS = {"pow": _pow, "rsqrt": _unary("inv_sqrt"), "mean": _mean, "add": _binary("add"), "sub": _binary("sub"), "mul": _binary("mul"), "div": _binary("div"),
             "matmul": _binary("matmul"), "relu": _unary("relu"), "sigmoid": _unary("sigmoid"),
             "tanh": _unary("tanh"), "softmax": _softmax}
 
@@ -200,7 +228,7 @@ _ATEN = {
     "add": _binary("add"), "sub": _binary("sub"), "mul": _binary("mul"), "div": _binary("div"),
     "matmul": _binary("matmul"), "relu": _unary("relu"), "gelu": _gelu, "silu": _unary("silu"),
     "tanh": _unary("tanh"), "sigmoid": _unary("sigmoid"), "softmax": _softmax, "_softmax": _softmax,
-    "dropout": _dropout,
+    "dropout": _dropout, "mean": _mean, "pow": _pow, "rsqrt": _unary("inv_sqrt"), "_to_copy": _to_copy,
 }
 # ops that return a tuple whose first element is the result (the others are saved statistics)
 _TUPLE_RESULT = {"_native_batch_norm_legit_no_training", "native_layer_norm"}
@@ -223,9 +251,61 @@ def _translate(gm: fx.GraphModule, node: fx.Node):
     return None
 
 
-def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
-    """Rewrite `gm` in place into canonical ops; returns it."""
+def _val_shape(node):
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if val is None and isinstance(node, fx.Node) and "normc_shape" in node.meta:
+        return tuple(node.meta["normc_shape"])
+    return tuple(val.shape) if hasattr(val, "shape") else None
+
+
+def _is_view(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and aten_base(node.target) in ("view", "_unsafe_view", "reshape")
+
+
+def _collapse_addmm(gm: fx.GraphModule) -> None:
+    """HF Conv1D (GPT-2): view(x, [-1, in]) -> addmm(b, x2d, W[in, out]) -> view(.., [*, out]) becomes linear(x, W^T, b)."""
+    from .graph import get_param, module_path, new_param
     graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or aten_base(node.target) != "addmm" or len(node.args) != 3 or node.kwargs:
+            continue
+        bias, x2d, w = node.args
+        if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+            continue
+        weight = get_param(gm, w)
+        if weight.dim() != 2:
+            continue
+        src, out = x2d, node
+        if _is_view(x2d) and len(node.users) == 1 and _is_view(next(iter(node.users))):
+            x = x2d.args[0]
+            view_out = next(iter(node.users))
+            xs, ys = _val_shape(x), _val_shape(view_out)
+            if xs is not None and ys is not None and xs[:-1] == ys[:-1] and xs[-1] == weight.shape[0]:
+                src, out = x, view_out
+        path = module_path(node)
+        target = new_param(gm, f"{path}.weight" if path else "weight", weight.t().contiguous())
+        with graph.inserting_before(node):
+            wt = graph.get_attr(target)
+            wt.meta["normc_path"] = path
+            new = graph.call_function(ops.linear, (src, wt, bias), {})
+        new.meta.update({k: v for k, v in out.meta.items() if k in ("nn_module_stack", "val")})
+        new.meta["normc_path"], new.meta["normc_module_type"] = path, module_type(node)
+        out.replace_all_uses_with(new)
+        for dead in (out, node):
+            if not dead.users:
+                graph.erase_node(dead)
+        if isinstance(x2d, fx.Node) and not x2d.users:
+            graph.erase_node(x2d)
+
+
+def canonicalize(gm: fx.GraphModule, recognize: bool = True) -> fx.GraphModule:
+    """Rewrite `gm` in place into canonical ops; returns it.
+
+    With `recognize`, the standard recognizers (std.recognize: decomposed norms written
+    as chains of small ops) run afterwards, so every spelling of a norm is one node.
+    """
+    graph = gm.graph
+    _collapse_addmm(gm)
     for node in list(graph.nodes):
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
@@ -265,4 +345,17 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
+    if recognize:
+        run_recognizers(gm)
     return gm
+
+
+def run_recognizers(gm: fx.GraphModule) -> int:
+    """Apply the std.recognize rules (multi-node patterns that become one canonical op)."""
+    from ..grammar.loader import load_std
+    from .rewrite import apply_rule
+    program = load_std()
+    applied = 0
+    for name in program.groups.get("std.recognize", []):
+        applied += apply_rule(gm, program.rules[name]).applied
+    return applied

@@ -8,7 +8,7 @@ import torch.fx as fx
 from ..grammar import syntax_tree as T
 from .builtins import NodeRef
 from .graph import get_param, module_path, op_name
-from .ops import schema_for
+from .ops import COMMUTATIVE, schema_for
 
 
 @dataclass
@@ -88,6 +88,23 @@ class Pattern:
                 raise _Fail(f"`{where}` is a conv{w_rank - 2}d, not {pc.op}", depth)
         values = list(node.args) + [None] * (len(schema.operands) - len(node.args))
         attrs = {k: node.kwargs.get(k, d) for k, d in schema.attrs.items()}
+        if schema.name in COMMUTATIVE and len(pc.args) >= 2:
+            saved_env, saved_ops = dict(m.env), list(m.op_nodes)
+            try:
+                return self._match_operands(gm, pc, schema, values, attrs, node, m, depth)
+            except _Fail as first:
+                m.env.clear(); m.env.update(saved_env)
+                m.op_nodes[:] = saved_ops
+                swapped = [values[1], values[0]] + values[2:]
+                try:
+                    return self._match_operands(gm, pc, schema, swapped, attrs, node, m, depth)
+                except _Fail:
+                    m.env.clear(); m.env.update(saved_env)
+                    m.op_nodes[:] = saved_ops
+                    raise first from None
+        self._match_operands(gm, pc, schema, values, attrs, node, m, depth)
+
+    def _match_operands(self, gm, pc, schema, values, attrs, node, m, depth):
         slots = schema.slots
         for i, parg in enumerate(pc.args):
             slot = slots[i]

@@ -125,6 +125,22 @@ def softmax(x, *, dim=-1):
     return torch.softmax(x, dim)
 
 
+def reduce_mean(x, *, dim=-1, keepdim=False):
+    return torch.mean(x, dim=dim, keepdim=keepdim)
+
+
+def power(x, *, exponent=2):
+    return torch.pow(x, exponent)
+
+
+def inv_sqrt(x):
+    return torch.rsqrt(x)
+
+
+def cast(x, *, dtype=None):
+    return x.to(dtype) if dtype is not None else x
+
+
 _ACT = {"relu": relu, "gelu": gelu, "silu": silu, "tanh": tanh, "sigmoid": sigmoid}
 
 
@@ -171,7 +187,15 @@ OPS: dict[str, OpSchema] = {s.name: s for s in [
     _op("div", ["a", "b"], {}, div), _op("matmul", ["a", "b"], {}, matmul),
     _op("relu", ["x"], {}, relu), _op("gelu", ["x"], {"approximate": "none"}, gelu), _op("silu", ["x"], {}, silu),
     _op("tanh", ["x"], {}, tanh), _op("sigmoid", ["x"], {}, sigmoid), _op("softmax", ["x"], {"dim": -1}, softmax),
+    # structural ops: what decomposed norms are made of, so recognizers can be written as rules
+    _op("reduce_mean", ["x"], {"dim": -1, "keepdim": False}, reduce_mean, "mean over dims"),
+    _op("power", ["x"], {"exponent": 2}, power, "x ** exponent"),
+    _op("inv_sqrt", ["x"], {}, inv_sqrt, "1 / sqrt(x)"),
+    _op("cast", ["x"], {"dtype": None}, cast, "dtype conversion"),
 ]}
+
+# Ops whose two operands may be matched in either order.
+COMMUTATIVE = {"add", "mul"}
 
 # Pattern names that mean "this op, with a constraint": conv2d is conv with a 4-d weight.
 ALIASES: dict[str, tuple[str, int]] = {"conv1d": ("conv", 3), "conv2d": ("conv", 4), "conv3d": ("conv", 5)}

@@ -1,0 +1,171 @@
+"""The `normc` command. Exit codes: 0 ok, 1 verification failed, 2 usage/input error,
+3 backend missing, 4 internal error (rerun with --debug)."""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from .errors import EXIT_INTERNAL, EXIT_VERIFY_FAILED, NormcError
+
+
+def _console():
+    from rich.console import Console
+    return Console(stderr=True, highlight=False)
+
+
+class _Cli(click.Group):
+    """Turns every NormcError into its one-line message and exit code; tracebacks only with --debug."""
+
+    def invoke(self, ctx):
+        debug = "--debug" in sys.argv
+        try:
+            return super().invoke(ctx)
+        except NormcError as e:
+            if debug:
+                traceback.print_exc()
+            click.echo(e.render(), err=True)
+            sys.exit(e.exit_code)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # a bug in normc: say so in one line
+            if debug:
+                traceback.print_exc()
+            else:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                click.echo(f"internal error: {type(e).__name__}: {first[:300]}\n"
+                           "  fix: rerun with --debug for the traceback, and report it", err=True)
+            sys.exit(EXIT_INTERNAL)
+
+
+def _common(f):
+    f = click.option("--weights", type=click.Path(dir_okay=False), help="weights for a factory model: .safetensors or a state dict")(f)
+    f = click.option("--allow-pickle", is_flag=True, help="allow loading a pickled whole-module .pt (unpickling runs code from the file)")(f)
+    f = click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write the JSON report here")(f)
+    f = click.option("--samples", default=4, show_default=True, help="random verification inputs (besides the example input)")(f)
+    f = click.option("--seed", default=0, show_default=True, help="seed for verification inputs")(f)
+    f = click.option("--debug", is_flag=True, help="show Python tracebacks")(f)
+    return f
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="normc")
+def main():
+    """normc: rewrite trained PyTorch models declaratively, verify them numerically, export them."""
+
+
+def _run(rules, model, output, weights, allow_pickle, report_path, samples, seed, write, dry_run=False):
+    from . import api
+    from .pipeline import RunOptions, compile_model
+    program = api.load_rules(rules)
+    progress = _progress()
+    progress("loading model")
+    loaded = api.load(program, model, weights=weights, allow_pickle=allow_pickle)
+    options = RunOptions(output=Path(output) if output else None, verify_inputs=samples, seed=seed,
+                         write=write, dry_run=dry_run, progress=progress)
+    result = compile_model(program, loaded, options)
+    if report_path:
+        from .atomic import write_text
+        write_text(report_path, json.dumps(result.report, indent=2, default=str))
+    return result
+
+
+def _progress():
+    if not sys.stderr.isatty():
+        return lambda msg: None
+    console = _console()
+    return lambda msg: console.print(f"[dim]… {msg}[/dim]")
+
+
+def _summary(result, verb: str):
+    from rich.table import Table
+    console = _console()
+    r = result.report
+    table = Table(title=f"normc {verb}: {r['model']}", show_lines=False)
+    for col in ("rule", "applied", "skipped", "first skip reason"):
+        table.add_column(col)
+    for rule in r["rules"]:
+        skipped = rule["skipped"]
+        table.add_row(rule["name"], str(rule["applied"]), str(len(skipped)),
+                      f"{skipped[0]['site']}: {skipped[0]['reason']}" if skipped else "")
+    console.print(table)
+    before, after = r["graph"]["before"]["op_counts"], r["graph"]["after"]["op_counts"]
+    changed = {k: (before.get(k, 0), after.get(k, 0)) for k in sorted(set(before) | set(after)) if before.get(k, 0) != after.get(k, 0)}
+    if changed:
+        console.print("ops: " + ", ".join(f"{k} {a}→{b}" for k, (a, b) in changed.items()))
+    v = r["verify"]
+    if v.get("max_rel_err") is not None:
+        status = "[green]passed[/green]" if v["passed"] else "[red]FAILED[/red]"
+        console.print(f"verify: {status}  max_abs {v['max_abs_err']:.3g}  max_rel {v['max_rel_err']:.3g}  "
+                      f"min cosine {v['min_cosine']:.9f}  ({v['n_inputs']} inputs)")
+    if not v["passed"]:
+        console.print(f"[red]{v.get('failure')}[/red]\nnothing was written")
+    for out in result.outputs:
+        console.print(f"wrote {out}")
+
+
+@main.command()
+@click.argument("rules", type=click.Path(dir_okay=False))
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="output file: .pt2, .onnx, .safetensors or .engine")
+@_common
+def apply(rules, model, output, weights, allow_pickle, report_path, samples, seed, debug):
+    """Apply RULES (a .nc file) to MODEL, verify, and write the result.
+
+    MODEL is zoo:NAME, path/to/file.py:function, package.module:function, a .pt2 archive,
+    or a pickled .pt module (with --allow-pickle).
+    """
+    result = _run(rules, model, output, weights, allow_pickle, report_path, samples, seed, write=True)
+    _summary(result, "apply")
+    sys.exit(0 if result.passed else EXIT_VERIFY_FAILED)
+
+
+@main.command()
+@click.argument("rules", type=click.Path(dir_okay=False))
+@click.argument("model")
+@_common
+def check(rules, model, weights, allow_pickle, report_path, samples, seed, debug):
+    """Verify that RULES keep MODEL equivalent; writes nothing. Exit 0 pass, 1 fail, 2 error."""
+    result = _run(rules, model, None, weights, allow_pickle, report_path, samples, seed, write=False)
+    _summary(result, "check")
+    sys.exit(0 if result.passed else EXIT_VERIFY_FAILED)
+
+
+@main.command()
+@click.option("--ops", is_flag=True, help="list the canonical ops instead")
+def passes(ops):
+    """List the standard rules (std.*) with one-line docs."""
+    from .grammar.loader import load_std
+    if ops:
+        from .ir.ops import ALIASES, OPS
+        for name, s in OPS.items():
+            click.echo(f"{name}({', '.join(o.name + ('?' if o.optional else '') for o in s.operands)}"
+                       f"{'; ' + ', '.join(s.attrs) if s.attrs else ''})  {s.doc}")
+        for alias, (base, rank) in ALIASES.items():
+            click.echo(f"{alias}  = {base} with a {rank}-d weight")
+        return
+    program = load_std()
+    for group, names in program.groups.items():
+        click.echo(f"{group}")
+        for name in names:
+            rule = program.rules[name]
+            params = ", ".join(f"{p.name}: {p.type} = {p.default}" for p in rule.params)
+            click.echo(f"  {name}{'(' + params + ')' if params else ''}  [{rule.kind}]  {rule.doc}")
+
+
+@main.command()
+def zoo():
+    """List the built-in models (no downloads; random weights unless stated)."""
+    from .frontend import ZOO
+    for name, entry in ZOO.items():
+        click.echo(f"zoo:{name:<12} {entry.description}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""The pipeline runner: the one place where rules, verification and backends meet.
+
+    model --trace--> fx graph --canonicalize--> canonical graph
+    pipeline: apply ... (each step verified) -> verify (gates) -> export (only if verified)
+
+Nothing is written unless every verification passed.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from ..errors import NormcError, VerificationFailed
+from ..frontend import LoadedModel, trace_model
+from ..frontend.specs import InputSpec
+from ..grammar import syntax_tree as T
+from ..grammar.loader import Program
+from ..ir.builtins import DTYPE_NAMES, EvalContext
+from ..ir.canonicalize import canonicalize, run_recognizers
+from ..ir.evaluate import Evaluator
+from ..ir.graph import annotate_shapes, op_counts
+from ..ir.rewrite import RuleReport, apply_rule
+from ..verify import Tolerance, VerifyResult, sample_inputs, verify_models
+from ..verify.inputs import cast_inputs
+
+
+@dataclass
+class RunOptions:
+    output: Path | None = None          # -o: .pt2, .onnx or .safetensors
+    verify_inputs: int = 4              # random inputs drawn from the input specs (plus the example)
+    seed: int = 0
+    write: bool = True                  # False for `normc check`: verify only
+    dry_run: bool = False               # `normc explain`: match and report, change nothing
+    opset: int = 18
+    progress: object = None             # callable(str) for status lines, or None
+
+
+@dataclass
+class StepRecord:
+    step: str
+    rules: list[RuleReport] = field(default_factory=list)
+    verify: VerifyResult | None = None
+    seconds: float = 0.0
+    approximate: bool = False
+
+    def to_dict(self):
+        d = {"step": self.step, "seconds": round(self.seconds, 4), "approximate": self.approximate}
+        if self.verify is not None:
+            d["verify"] = self.verify.to_dict()
+        d["rules"] = [r.name for r in self.rules]
+        return d
+
+
+@dataclass
+class CompileResult:
+    graph_module: fx.GraphModule
+    reference: torch.nn.Module
+    loaded: LoadedModel
+    report: dict
+    passed: bool
+    outputs: list[str] = field(default_factory=list)
+
+
+def input_specs_from_decls(decls: list[T.InputDecl]) -> list[InputSpec]:
+    specs = []
+    for d in decls:
+        lo, hi = d.range if d.range else (None, None)
+        specs.append(InputSpec(d.name, tuple(d.shape), DTYPE_NAMES[d.dtype], lo, hi))
+    return specs
+
+
+def prepare_graph(loaded: LoadedModel) -> tuple[fx.GraphModule, dict]:
+    """Trace and canonicalize a private copy of the model (the user's module is never mutated)."""
+    traced = trace_model(loaded)  # works on a copy of the weights
+    gm = traced.graph_module
+    canonicalize(gm, recognize=False)
+    annotate_shapes(gm, loaded.example_args, loaded.example_kwargs)  # recognizers read shapes
+    if run_recognizers(gm):
+        annotate_shapes(gm, loaded.example_args, loaded.example_kwargs)
+    return gm, {"method": traced.method, "notes": list(traced.notes)}
+
+
+def _tolerance(step: T.Verify | None, dtype: torch.dtype) -> Tolerance:
+    tol = Tolerance.default_for(dtype)
+    if step is None:
+        return tol
+    opts = step.options
+    if "max_abs" in opts or "rel" in opts or "max_rel" in opts:
+        tol = Tolerance(max_abs=opts.get("max_abs"), max_rel=opts.get("rel", opts.get("max_rel")))
+    return tol
+
+
+class _Runner:
+    def __init__(self, program: Program, loaded: LoadedModel, options: RunOptions):
+        self.program, self.loaded, self.options = program, loaded, options
+        self.say = options.progress or (lambda msg: None)
+        self.steps: list[StepRecord] = []
+        self.exports: list[T.Export] = []
+        self.stats = None
+
+    def inputs(self, n: int, dtype: torch.dtype | None = None):
+        specs = self.loaded.input_specs
+        drawn = sample_inputs(specs, n, seed=self.options.seed) if n > 0 and specs else []
+        inputs = [(tuple(self.loaded.example_args), dict(self.loaded.example_kwargs))] + list(drawn)
+        return cast_inputs(inputs, dtype) if dtype is not None else inputs
+
+    def run(self) -> CompileResult:
+        t0 = time.perf_counter()
+        self.say("tracing")
+        gm, trace_info = prepare_graph(self.loaded)
+        before = op_counts(gm)
+        reference = self.loaded.module
+        self.verify_set = self.inputs(self.options.verify_inputs)
+        pipeline = self.program.main.pipeline
+        steps = list(pipeline.steps) if pipeline else []
+        verifies = [s for s in steps if isinstance(s, T.Verify)]
+        out_dtype = self._output_dtype(reference)
+        passed = True
+        failure = None
+        for i, step in enumerate(steps):
+            ts = time.perf_counter()
+            if isinstance(step, T.Apply):
+                record = self.apply(gm, step)
+                # tolerance in force: the next explicit verify step's, else the dtype default
+                nxt = next((s for s in steps[i:] if isinstance(s, T.Verify)), None)
+                if not self.options.dry_run and any(r.applied for r in record.rules):
+                    self.say(f"verifying after `apply {step.rule}`")
+                    record.verify = verify_models(reference, gm, self.verify_set, _tolerance(nxt, out_dtype))
+                    if not record.verify.passed and not record.approximate:
+                        passed = False
+                        failure = failure or f"`apply {step.rule}` broke equivalence: {record.verify.summary()}"
+            elif isinstance(step, T.Verify):
+                record = StepRecord("verify")
+                if not self.options.dry_run:
+                    record.verify = self.verify_step(reference, gm, step, out_dtype)
+                    if not record.verify.passed:
+                        passed = False
+                        failure = failure or f"verify failed: {record.verify.summary()}"
+                    gate = self.approx_gate(step)
+                    if gate is not None and not gate[0]:
+                        passed = False
+                        failure = failure or gate[1]
+            elif isinstance(step, T.Export):
+                record = StepRecord(f"export {step.format}")
+                self.exports.append(step)
+            elif isinstance(step, T.Calibrate):
+                record = StepRecord("calibrate")
+                self.calibrate(gm, step)
+            else:  # pragma: no cover - the checker knows every step
+                raise NormcError(f"unknown step {type(step).__name__}")
+            record.seconds = time.perf_counter() - ts
+            self.steps.append(record)
+        final = None
+        if not verifies and not self.options.dry_run:
+            self.say("verifying")
+            final = verify_models(reference, gm, self.verify_set, _tolerance(None, out_dtype))
+            approx_steps = any(s.approximate for s in self.steps)
+            if not final.passed and not approx_steps:
+                passed = False
+                failure = failure or f"verification failed: {final.summary()}"
+        last_verify = final or next((s.verify for s in reversed(self.steps) if s.verify is not None), None)
+        rules = [r for s in self.steps for r in s.rules]
+        report = {
+            "normc_version": _version(),
+            "rules_file": self.program.main.file,
+            "model": self.loaded.source,
+            "trace": trace_info,
+            "rules": [r.to_dict() for r in rules],
+            "steps": [s.to_dict() for s in self.steps],
+            "verify": _verify_summary(last_verify, passed, failure),
+            "graph": {"before": {"op_counts": before}, "after": {"op_counts": op_counts(gm)}},
+            "outputs": [],
+            "seconds": 0.0,
+        }
+        result = CompileResult(gm, reference, self.loaded, report, passed)
+        if passed and self.options.write and not self.options.dry_run:
+            self.write_outputs(result)
+        report["seconds"] = round(time.perf_counter() - t0, 3)
+        return result
+
+    # -------------------------------------------------------------- steps
+    def apply(self, gm, step: T.Apply) -> StepRecord:
+        record = StepRecord(f"apply {step.rule}" + (f" on \"{step.scope}\"" if step.scope else ""))
+        ctx = EvalContext(gm, self.stats)
+        for name in self.program.resolve(step.rule):
+            rule = self.program.rules[name]
+            args = self._args(rule, step)
+            self.say(f"applying {name}")
+            if isinstance(rule, T.ExternPass):
+                rep = _run_extern(rule, gm, ctx, args, step.scope, self)
+            else:
+                rep = apply_rule(gm, rule, args, step.scope, ctx, dry_run=self.options.dry_run)
+            record.rules.append(rep)
+            record.approximate |= rule.kind == "approximate"
+            if not self.options.dry_run and rep.applied:
+                annotate_shapes(gm, self.loaded.example_args, self.loaded.example_kwargs)
+        return record
+
+    def _args(self, rule, step: T.Apply) -> dict:
+        ev = Evaluator(EvalContext(None), {})
+        args = {}
+        for p, a in zip(rule.params, step.args):
+            args[p.name] = ev.eval(a)
+        for k, v in step.kwargs:
+            args[k] = ev.eval(v)
+        return args
+
+    def verify_step(self, reference, gm, step: T.Verify, out_dtype) -> VerifyResult:
+        opts = step.options
+        n = int(opts.get("samples", self.options.verify_inputs))
+        dtype = DTYPE_NAMES.get(str(opts.get("dtype", "")), None)
+        inputs = self.inputs(n) if n != self.options.verify_inputs else self.verify_set
+        if dtype is not None and dtype != out_dtype:
+            ref = copy.deepcopy(reference).to(dtype)
+            new = copy.deepcopy(gm).to(dtype)
+            return verify_models(ref, new, cast_inputs(inputs, dtype), _tolerance(step, dtype))
+        return verify_models(reference, gm, inputs, _tolerance(step, out_dtype))
+
+    def approx_gate(self, step: T.Verify):
+        approx_steps = [s for s in self.steps if s.approximate and s.verify is not None]
+        if not step.approx or not approx_steps:
+            return None
+        worst = max(s.verify.max_rel_err for s in approx_steps)
+        gate = step.approx.get("max_rel", step.approx.get("rel"))
+        if gate is not None and worst > float(gate):
+            return False, f"approximate rewrite error {worst:.3g} (relative) exceeds the gate approx max_rel {gate}"
+        return True, ""
+
+    def calibrate(self, gm, step: T.Calibrate):
+        from ..verify.calibrate import collect_statistics  # issue: calibration
+        self.stats = collect_statistics(gm, self.loaded, step, base=Path(self.program.main.file).parent)
+
+    # -------------------------------------------------------------- outputs
+    def write_outputs(self, result: CompileResult):
+        from ..backends import onnx_backend, torch_backend
+        gm, loaded = result.graph_module, self.loaded
+        targets = []
+        if self.options.output is not None:
+            targets.append((_format_of(self.options.output), Path(self.options.output), {}))
+        for ex in self.exports:
+            if ex.path is not None:
+                targets.append((ex.format, Path(ex.path), ex.options))
+        for fmt, path, opts in targets:
+            self.say(f"writing {path}")
+            if fmt == "torch":
+                torch_backend.save_pt2(gm, loaded.example_args, loaded.example_kwargs, path)
+            elif fmt == "safetensors":
+                torch_backend.save_state_dict(gm, path)
+            elif fmt == "onnx":
+                opset = int(opts.get("opset", self.options.opset))
+                onnx_backend.export_onnx(gm, loaded.example_args, loaded.example_kwargs, path, opset=opset)
+                check = onnx_backend.check_onnx(path, gm, self.verify_set[:2], None)
+                result.report.setdefault("onnx_check", []).append({"path": str(path), **check.to_dict()})
+                if not check.passed:
+                    path.unlink(missing_ok=True)
+                    raise VerificationFailed(f"the ONNX export `{path}` does not match torch: {check.summary()}",
+                                             "report this with the model; export torch (.pt2) meanwhile")
+            elif fmt == "tensorrt":
+                from ..backends import tensorrt_backend
+                onnx_path = path.with_suffix(".onnx")
+                onnx_backend.export_onnx(gm, loaded.example_args, loaded.example_kwargs, onnx_path,
+                                         opset=int(opts.get("opset", self.options.opset)))
+                tensorrt_backend.build_engine(onnx_path, path, fp16=bool(opts.get("fp16", False)))
+            result.outputs.append(str(path))
+            result.report["outputs"].append({"format": fmt, "path": str(path)})
+
+    @staticmethod
+    def _output_dtype(module) -> torch.dtype:
+        for p in module.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+
+def _format_of(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".pt2",):
+        return "torch"
+    if suffix == ".onnx":
+        return "onnx"
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in (".engine", ".plan", ".trt"):
+        return "tensorrt"
+    raise NormcError(f"cannot tell the output format of `{path}`",
+                     "use a .pt2 (torch.export), .onnx, .safetensors or .engine (TensorRT) file name")
+
+
+def _run_extern(rule: T.ExternPass, gm, ctx, args, scope, runner) -> RuleReport:
+    module_name, _, func = rule.impl.partition(":")
+    fn = getattr(importlib.import_module(module_name), func)
+    report = fn(gm, ctx=ctx, scope=scope, loaded=runner.loaded, dry_run=runner.options.dry_run, **args)
+    report.name, report.kind = rule.qualname, rule.kind
+    return report
+
+
+def _verify_summary(v: VerifyResult | None, passed: bool, failure: str | None) -> dict:
+    d = {"passed": passed, "failure": failure}
+    if v is not None:
+        vd = v.to_dict()
+        d.update({"max_abs_err": vd.get("max_abs_err"), "max_rel_err": vd.get("max_rel_err"),
+                  "min_cosine": vd.get("min_cosine"), "n_inputs": vd.get("n_inputs"),
+                  "tolerance": vd.get("tolerance"), "outputs": vd.get("outputs")})
+    return d
+
+
+def _version() -> str:
+    from .. import __version__
+    return __version__
+
+
+def compile_model(program: Program, loaded: LoadedModel, options: RunOptions | None = None) -> CompileResult:
+    """Run `program`'s pipeline on `loaded` (load it with the program's `input` declarations as its specs)."""
+    return _Runner(program, loaded, options or RunOptions()).run()
