@@ -118,7 +118,7 @@ def _shared(ctx, v):
 
 
 def _present(ctx, v):
-    return Guard(v is not None, "operand is absent", "operand is present")
+    return Guard(v is not None, "an optional operand is absent", "an optional operand is present")
 
 
 def _is_param(ctx, v):

@@ -195,6 +195,12 @@ def _to_copy(a, k):
     return "cast", [a[0]], dict(dtype=k.get("dtype"))
 
 
+def _identity(a, k):
+    if set(k) - {"memory_format"}:
+        return None
+    return "identity", [a[0]], {}
+
+
 def _dropout(a, k):
     if _arg(a, k, 2, "training", _arg(a, k, 2, "train", False)):
         return None
@@ -228,7 +234,7 @@ _ATEN = {
     "add": _binary("add"), "sub": _binary("sub"), "mul": _binary("mul"), "div": _binary("div"),
     "matmul": _binary("matmul"), "relu": _unary("relu"), "gelu": _gelu, "silu": _unary("silu"),
     "tanh": _unary("tanh"), "sigmoid": _unary("sigmoid"), "softmax": _softmax, "_softmax": _softmax,
-    "dropout": _dropout, "mean": _mean, "pow": _pow, "rsqrt": _unary("inv_sqrt"), "_to_copy": _to_copy,
+    "dropout": _dropout, "alias": _identity, "mean": _mean, "pow": _pow, "rsqrt": _unary("inv_sqrt"), "_to_copy": _to_copy,
 }
 # ops that return a tuple whose first element is the result (the others are saved statistics)
 _TUPLE_RESULT = {"_native_batch_norm_legit_no_training", "native_layer_norm"}
@@ -305,6 +311,11 @@ def canonicalize(gm: fx.GraphModule, recognize: bool = True) -> fx.GraphModule:
     as chains of small ops) run afterwards, so every spelling of a norm is one node.
     """
     graph = gm.graph
+    for node in list(graph.nodes):
+        # torch.export's metadata assertions check dtypes/shapes it already fixed; they would
+        # count as users of the values they check (and break single_use, fan-out matching)
+        if node.op == "call_function" and aten_base(node.target) == "_assert_tensor_metadata" and not node.users:
+            graph.erase_node(node)
     _collapse_addmm(gm)
     for node in list(graph.nodes):
         if node.op not in ("call_module", "call_function", "call_method"):

@@ -26,6 +26,9 @@ class NearMiss:
     depth: int  # how far the match got before failing (0: root op itself)
 
 
+ROOT_MATCHED = 99  # depth of a failure after the whole fixed pattern matched (a fan-out user)
+
+
 class _Fail(Exception):
     def __init__(self, reason, depth):
         self.reason, self.depth = reason, depth
@@ -77,6 +80,10 @@ class Pattern:
         schema_rank = schema_for(pc.op)
         schema, rank = schema_rank
         where = module_path(node) or node.name
+        if isinstance(node, fx.Node) and node.op == "output":
+            raise _Fail(f"a model output is read where {pc.op} is expected", depth)
+        if isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr"):
+            raise _Fail(f"`{node.target}` is a model {'input' if node.op == 'placeholder' else 'parameter'}, not {pc.op}", depth)
         actual = op_name(node, gm) if isinstance(node, fx.Node) else type(node).__name__
         if not isinstance(node, fx.Node) or op_name(node) != schema.name:
             raise _Fail(f"`{where}` is {actual}, not {pc.op}", depth)
@@ -156,7 +163,8 @@ class Pattern:
             try:
                 self._match_call(gm, each.body.call, user, sub, 1)
             except _Fail as f:
-                raise _Fail(f"every user of `{each.source}` must match: {f.reason}", 1) from None
+                # the root matched: this is a refusal of the site, not a mere near miss
+                raise _Fail(f"every user of `{each.source}` must match: {f.reason}", ROOT_MATCHED) from None
             sub.env[each.body.target] = NodeRef(user)
             local = {k: v for k, v in sub.env.items() if k not in m.env or k == each.source}
             local[each.var] = NodeRef(user)

@@ -243,6 +243,7 @@ def apply_rule(gm: fx.GraphModule, rule: T.Rule, args: dict | None = None, scope
     source = rule.module.source if rule.module is not None else None
     refused: dict[fx.Node, SiteRecord] = {}
     near: dict[fx.Node, SiteRecord] = {}
+    created: set[fx.Node] = set()  # results of this rule: not sites to report when they do not match again
     for _ in range(max_sweeps):
         changed = False
         for node in list(gm.graph.nodes):
@@ -254,7 +255,8 @@ def apply_rule(gm: fx.GraphModule, rule: T.Rule, args: dict | None = None, scope
             rec = SiteRecord(site_name(node), node.name, module_path(node), module_type=module_type(node))
             if isinstance(m, NearMiss):
                 rec.reason = m.reason
-                near[node] = rec
+                # deep misses (the pattern's core matched) are refusals worth a line in the report
+                (refused if m.depth >= 2 else near)[node] = rec
                 continue
             near.pop(node, None)
             if scope and not fnmatch.fnmatchcase(rec.path, scope):
@@ -284,8 +286,9 @@ def apply_rule(gm: fx.GraphModule, rule: T.Rule, args: dict | None = None, scope
                 report.sites.append(rec)
                 report.applied += 1
                 continue
-            created = emit_site(gm, m, env, plans)
-            rec.new_nodes = [n.name for n in created]
+            new_nodes = emit_site(gm, m, env, plans)
+            created.update(new_nodes)
+            rec.new_nodes = [n.name for n in new_nodes]
             report.sites.append(rec)
             report.applied += 1
             changed = True
@@ -294,8 +297,9 @@ def apply_rule(gm: fx.GraphModule, rule: T.Rule, args: dict | None = None, scope
     else:
         raise FixpointError(f"rule `{report.name}` still matches after {max_sweeps} sweeps: "
                             "its rewrite produces its own pattern")
-    report.skipped = [r for n, r in refused.items() if r.reason is not None]
-    report.near_misses = [r for n, r in near.items() if not getattr(n, "_erased", False)]
+    live = lambda n: not getattr(n, "_erased", False) and n not in created  # noqa: E731
+    report.skipped = [r for n, r in refused.items() if r.reason is not None and live(n)]
+    report.near_misses = [r for n, r in near.items() if live(n)]
     if not dry_run:
         finish(gm)
     return report

@@ -8,6 +8,7 @@ Nothing is written unless every verification passed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import time
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ class _Runner:
         self.steps: list[StepRecord] = []
         self.exports: list[T.Export] = []
         self.stats = None
+        self.applied: list[T.Apply] = []  # apply steps run so far (replayed for a verify in another dtype)
 
     def inputs(self, n: int, dtype: torch.dtype | None = None):
         specs = self.loaded.input_specs
@@ -127,6 +129,7 @@ class _Runner:
             ts = time.perf_counter()
             if isinstance(step, T.Apply):
                 record = self.apply(gm, step)
+                self.applied.append(step)
                 # tolerance in force: the next explicit verify step's, else the dtype default
                 nxt = next((s for s in steps[i:] if isinstance(s, T.Verify)), None)
                 if not self.options.dry_run and any(r.applied for r in record.rules):
@@ -185,21 +188,22 @@ class _Runner:
         return result
 
     # -------------------------------------------------------------- steps
-    def apply(self, gm, step: T.Apply) -> StepRecord:
+    def apply(self, gm, step: T.Apply, loaded: LoadedModel | None = None, stats="current") -> StepRecord:
+        loaded = loaded or self.loaded
         record = StepRecord(f"apply {step.rule}" + (f" on \"{step.scope}\"" if step.scope else ""))
-        ctx = EvalContext(gm, self.stats)
+        ctx = EvalContext(gm, self.stats if stats == "current" else stats)
         for name in self.program.resolve(step.rule):
             rule = self.program.rules[name]
             args = self._args(rule, step)
             self.say(f"applying {name}")
             if isinstance(rule, T.ExternPass):
-                rep = _run_extern(rule, gm, ctx, args, step.scope, self)
+                rep = _run_extern(rule, gm, ctx, args, step.scope, self, loaded)
             else:
                 rep = apply_rule(gm, rule, args, step.scope, ctx, dry_run=self.options.dry_run)
             record.rules.append(rep)
             record.approximate |= rule.kind == "approximate"
             if not self.options.dry_run and rep.applied:
-                annotate_shapes(gm, self.loaded.example_args, self.loaded.example_kwargs)
+                annotate_shapes(gm, loaded.example_args, loaded.example_kwargs)
         return record
 
     def _args(self, rule, step: T.Apply) -> dict:
@@ -217,10 +221,23 @@ class _Runner:
         dtype = DTYPE_NAMES.get(str(opts.get("dtype", "")), None)
         inputs = self.inputs(n) if n != self.options.verify_inputs else self.verify_set
         if dtype is not None and dtype != out_dtype:
-            ref = copy.deepcopy(reference).to(dtype)
-            new = copy.deepcopy(gm).to(dtype)
-            return verify_models(ref, new, cast_inputs(inputs, dtype), _tolerance(step, dtype))
+            return self.replay_in(dtype, inputs, _tolerance(step, dtype))
         return verify_models(reference, gm, inputs, _tolerance(step, out_dtype))
+
+    def replay_in(self, dtype, inputs, tol) -> VerifyResult:
+        """Run the conversion itself in `dtype`: a copy of the model in that dtype, traced anew
+        (so graph constants have that dtype too), with every apply step so far replayed."""
+        self.say(f"replaying the pipeline in {dtype}")
+        loaded = dataclasses.replace(
+            self.loaded, module=copy.deepcopy(self.loaded.module).to(dtype),
+            example_args=cast_inputs([(tuple(self.loaded.example_args), {})], dtype)[0][0],
+            example_kwargs=cast_inputs([((), dict(self.loaded.example_kwargs))], dtype)[0][1],
+            input_specs=[dataclasses.replace(s, dtype=dtype) if s.dtype.is_floating_point else s
+                         for s in self.loaded.input_specs])
+        gm, _ = prepare_graph(loaded)
+        for step in self.applied:
+            self.apply(gm, step, loaded=loaded, stats=None)
+        return verify_models(loaded.module, gm, cast_inputs(inputs, dtype), tol)
 
     def approx_gate(self, step: T.Verify):
         approx_steps = [s for s in self.steps if s.approximate and s.verify is not None]
@@ -292,10 +309,10 @@ def _format_of(path: Path) -> str:
                      "use a .pt2 (torch.export), .onnx, .safetensors or .engine (TensorRT) file name")
 
 
-def _run_extern(rule: T.ExternPass, gm, ctx, args, scope, runner) -> RuleReport:
+def _run_extern(rule: T.ExternPass, gm, ctx, args, scope, runner, loaded) -> RuleReport:
     module_name, _, func = rule.impl.partition(":")
     fn = getattr(importlib.import_module(module_name), func)
-    report = fn(gm, ctx=ctx, scope=scope, loaded=runner.loaded, dry_run=runner.options.dry_run, **args)
+    report = fn(gm, ctx=ctx, scope=scope, loaded=loaded, dry_run=runner.options.dry_run, **args)
     report.name, report.kind = rule.qualname, rule.kind
     return report
 
