@@ -45,6 +45,11 @@ class _Cli(click.Group):
 
 
 def _common(f):
+    """Options shared by apply and check (their values arrive as **opts)."""
+    f = click.option("--rollback", is_flag=True, help="roll back the sites that break verification (found by bisection) and go on")(f)
+    f = click.option("--strict", is_flag=True, help="with --rollback: any rollback still fails the run")(f)
+    f = click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="write a JUnit XML file (one case per rule x output)")(f)
+    f = click.option("--diff", "diff_path", type=click.Path(dir_okay=False), help="write an HTML picture of the graph before and after")(f)
     f = click.option("--weights", type=click.Path(dir_okay=False), help="weights for a factory model: .safetensors or a state dict")(f)
     f = click.option("--allow-pickle", is_flag=True, help="allow loading a pickled whole-module .pt (unpickling runs code from the file)")(f)
     f = click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write the JSON report here")(f)
@@ -60,27 +65,33 @@ def main():
     """normc: rewrite trained PyTorch models declaratively, verify them numerically, export them."""
 
 
-def _run(rules, model, output, weights, allow_pickle, report_path, samples, seed, write, dry_run=False):
+def _run(rules, model, output, opts, write, dry_run=False):
     from . import api
     from .pipeline import RunOptions, compile_model
+    from .report.progress import progress_reporter
     program = api.load_rules(rules)
-    progress = _progress()
-    progress("loading model")
-    loaded = api.load(program, model, weights=weights, allow_pickle=allow_pickle)
-    options = RunOptions(output=Path(output) if output else None, verify_inputs=samples, seed=seed,
-                         write=write, dry_run=dry_run, progress=progress)
-    result = compile_model(program, loaded, options)
-    if report_path:
-        from .atomic import write_text
-        write_text(report_path, json.dumps(result.report, indent=2, default=str))
+    with progress_reporter() as say:
+        say("loading model")
+        loaded = api.load(program, model, weights=opts["weights"], allow_pickle=opts["allow_pickle"])
+        options = RunOptions(output=Path(output) if output else None, verify_inputs=opts["samples"], seed=opts["seed"],
+                             write=write, dry_run=dry_run, progress=say, rollback=opts.get("rollback", False),
+                             strict=opts.get("strict", False), keep_before=bool(opts.get("diff_path")))
+        result = compile_model(program, loaded, options)
+    _write_reports(result, opts)
     return result
 
 
-def _progress():
-    if not sys.stderr.isatty():
-        return lambda msg: None
-    console = _console()
-    return lambda msg: console.print(f"[dim]… {msg}[/dim]")
+def _write_reports(result, opts):
+    """Reports are written whether or not verification passed: they say why."""
+    if opts.get("report_path"):
+        from .atomic import write_text
+        write_text(opts["report_path"], json.dumps(result.report, indent=2, default=str))
+    if opts.get("junit_path"):
+        from .report.junit import write_junit
+        write_junit(result.report, opts["junit_path"])
+    if opts.get("diff_path") and result.before is not None:
+        from .report.diff_html import render_diff_html
+        render_diff_html(result.before, result.graph_module, result.report, opts["diff_path"])
 
 
 def _summary(result, verb: str):
@@ -115,13 +126,13 @@ def _summary(result, verb: str):
 @click.argument("model")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="output file: .pt2, .onnx, .safetensors or .engine")
 @_common
-def apply(rules, model, output, weights, allow_pickle, report_path, samples, seed, debug):
+def apply(rules, model, output, **opts):
     """Apply RULES (a .nc file) to MODEL, verify, and write the result.
 
     MODEL is zoo:NAME, path/to/file.py:function, package.module:function, a .pt2 archive,
     or a pickled .pt module (with --allow-pickle).
     """
-    result = _run(rules, model, output, weights, allow_pickle, report_path, samples, seed, write=True)
+    result = _run(rules, model, output, opts, write=True)
     _summary(result, "apply")
     sys.exit(0 if result.passed else EXIT_VERIFY_FAILED)
 
@@ -130,11 +141,83 @@ def apply(rules, model, output, weights, allow_pickle, report_path, samples, see
 @click.argument("rules", type=click.Path(dir_okay=False))
 @click.argument("model")
 @_common
-def check(rules, model, weights, allow_pickle, report_path, samples, seed, debug):
-    """Verify that RULES keep MODEL equivalent; writes nothing. Exit 0 pass, 1 fail, 2 error."""
-    result = _run(rules, model, None, weights, allow_pickle, report_path, samples, seed, write=False)
+def check(rules, model, **opts):
+    """Verify that RULES keep MODEL equivalent; writes nothing but reports. Exit 0 pass, 1 fail, 2 error."""
+    result = _run(rules, model, None, opts, write=False)
     _summary(result, "check")
     sys.exit(0 if result.passed else EXIT_VERIFY_FAILED)
+
+
+@main.command()
+@click.argument("rules", type=click.Path(dir_okay=False))
+@click.argument("model")
+@click.option("--weights", type=click.Path(dir_okay=False), help="weights for a factory model")
+@click.option("--allow-pickle", is_flag=True, help="allow loading a pickled whole-module .pt")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write the JSON report here")
+@click.option("--all", "show_all", is_flag=True, help="also list near misses whose root op matched only")
+@click.option("--debug", is_flag=True, help="show Python tracebacks")
+def explain(rules, model, weights, allow_pickle, report_path, show_all, debug):
+    """Show where each rule of RULES would apply to MODEL, and why not elsewhere; changes nothing.
+
+    Each rule is matched against the model as loaded (rules do not see each other's rewrites).
+    """
+    opts = dict(weights=weights, allow_pickle=allow_pickle, samples=0, seed=0, report_path=report_path)
+    result = _run(rules, model, None, opts, write=False, dry_run=True)
+    _explain(result, show_all)
+
+
+def _explain(result, show_all: bool):
+    from collections import defaultdict
+    for rule in result.report["rules"]:
+        click.echo(f"{rule['name']}: {rule['applied']} site(s) match, {len(rule['skipped'])} refused"
+                   + (f", {rule['near_miss_count']} near miss(es)" if rule.get("near_miss_count") else ""))
+        groups = defaultdict(list)
+        for s in rule["sites"]:
+            groups[_group(s["site"])].append(("✓", s["site"], ""))
+        for s in rule["skipped"]:
+            groups[_group(s["site"])].append(("✗", s["site"], s["reason"]))
+        if show_all:
+            for s in rule["near_misses"]:
+                groups[_group(s["site"])].append(("·", s["site"], s["reason"]))
+        for group in sorted(groups):
+            click.echo(f"  {group or '(top level)'}")
+            for mark, site, reason in groups[group]:
+                click.echo(f"    {mark} {site}" + (f": {reason}" if reason else ""))
+        for note in rule.get("notes", []):
+            click.echo(f"  note: {note}")
+
+
+def _group(site: str) -> str:
+    path = site.split(" (", 1)[0]
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+@main.command()
+@click.argument("rules", type=click.Path(dir_okay=False), required=False)
+@click.option("--rule", "rule_names", multiple=True, help="only this rule (repeatable); default: every rule in RULES")
+@click.option("--std", "std_only", is_flag=True, help="prove the standard library")
+@click.option("--debug", is_flag=True, help="show Python tracebacks")
+def prove(rules, rule_names, std_only, debug):
+    """Check rules without a model: random instances of each pattern, pattern vs replacement.
+
+    Exit 0 when every rule is sound, 1 when any is unsound.
+    """
+    from . import api
+    from .grammar.loader import load_std
+    from .verify.prove import format_table, prove_program
+    if rules is None and not std_only:
+        raise click.UsageError("give a RULES file, or --std for the standard library")
+    program = load_std() if rules is None else api.load_rules(rules)
+    names = list(rule_names) or ([n for n in program.rules if n.startswith("std.")] if rules is None
+                                  else [n for n in program.rules if not n.startswith("std.")])
+    missing = [n for n in names if n not in program.rules]
+    if missing:
+        from .errors import NormcError
+        from .grammar.diagnostics import did_you_mean
+        raise NormcError(f"no rule `{missing[0]}` in {rules or 'the standard library'}", did_you_mean(missing[0], program.rules))
+    results = prove_program(program, names)
+    click.echo(format_table(results))
+    sys.exit(EXIT_VERIFY_FAILED if any(r.verdict == "unsound" for r in results) else 0)
 
 
 @main.command()

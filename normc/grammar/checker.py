@@ -7,6 +7,7 @@ ops called outside `rewrite`). All errors are collected and reported together.
 from __future__ import annotations
 
 from ..ir.builtins import BUILTINS, CONSTANTS
+from ..ir.evaluate import FANOUT_REDUCTION
 from ..ir.ops import all_pattern_names, schema_for
 from . import syntax_tree as T
 from .diagnostics import Diagnostic, NcError, did_you_mean
@@ -53,6 +54,7 @@ class Checker:
 
     # ------------------------------------------------------------------ rules
     def check_rule(self, rule: T.Rule):
+        self.each_vars: dict[str, dict[str, str]] = {}
         if rule.kind not in KINDS:
             self.error(rule.loc, f"unknown rule kind `{rule.kind}`")
         scope: dict[str, str] = {}
@@ -84,6 +86,7 @@ class Checker:
                 local[stmt.body.target] = NODE
                 local[stmt.var] = NODE
                 each_vars[stmt.var] = local
+                self.each_vars[stmt.var] = local
         for op, count in op_uses.items():
             if count == 1 and op not in scope:
                 scope[op] = NODE  # a nested op is named by its op name in guards: single_use(conv)
@@ -106,11 +109,12 @@ class Checker:
                                did_you_mean(rw.each, each_vars) or "declare it with `each u in users(h): ...` in the match")
                     continue
                 env.update(each_vars[rw.each])
-            if rw.target not in env or env[rw.target] != NODE or rw.target in {p.name for p in rule.params}:
-                self.error(rw.loc, f"`{rw.target}` is not a value matched by the pattern",
-                           did_you_mean(rw.target, [k for k, v in env.items() if v == NODE]) or "rewrite a statement target")
+            if rw.target in env and env[rw.target] != NODE:
+                self.error(rw.loc, f"`{rw.target}` is not a graph value: a rewrite names a matched value or a new one")
                 continue
             self.check_rewrite_expr(rw.expr, env)
+            if rw.target not in env and rw.each is None:
+                scope[rw.target] = NODE  # a new value, usable by the rewrites after it
 
     def check_pcall(self, pc: T.PCall, scope, op_uses, stmt_targets, outer=None):
         found = schema_for(pc.op)
@@ -201,6 +205,15 @@ class Checker:
         return ANY
 
     def call(self, e: T.Call, scope, where):
+        red = FANOUT_REDUCTION.fullmatch(e.func)
+        if red and red.group(2) in getattr(self, "each_vars", {}) and e.func not in BUILTINS:
+            if len(e.args) != 1 or e.kwargs:
+                self.error(e.loc, f"`{e.func}` takes one expression, evaluated for every user of the fan-out")
+                return TENSOR
+            inner = dict(scope)
+            inner.update(self.each_vars[red.group(2)])
+            self.expr(e.args[0], inner, where)
+            return TENSOR
         if schema_for(e.func) is not None:
             self.error(e.loc, f"op `{e.func}` cannot be called in `{where}`",
                        "ops build graph nodes only in `rewrite`; use a function such as sqrt or absmax here")
@@ -270,8 +283,13 @@ class Checker:
                                        did_you_mean(k, params) or f"its parameters: {', '.join(params) or 'none'}")
                     for a in list(step.args) + [v for _, v in step.kwargs]:
                         self.expr(a, {}, "apply")
-                elif step.args or step.kwargs:
-                    self.error(step.loc, f"`{step.rule}` is a group of rules; it takes no parameters")
+                elif step.args:
+                    self.error(step.loc, f"`{step.rule}` is a group of rules: pass parameters by name")
+                else:
+                    for k, v in step.kwargs:
+                        lacking = [n for n in names if k not in {p.name for p in self.program.rules[n].params}]
+                        if lacking:
+                            self.error(v.loc, f"`{lacking[0]}` in group `{step.rule}` has no parameter `{k}`")
             elif isinstance(step, T.Verify):
                 for k in step.options:
                     if k not in VERIFY_OPTIONS:

@@ -173,7 +173,7 @@ class _Build(Transformer):
 
     @v_args(meta=True)
     def each_stmt(self, meta, c):
-        return T.EachStmt(str(c[0]), str(c[1]), c[2], self._loc(meta))
+        return T.EachStmt(str(c[0]), str(c[2]), c[3], self._loc(meta), partial=c[1] is not None)
 
     @v_args(meta=True)
     def pcall(self, meta, c):

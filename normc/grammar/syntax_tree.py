@@ -132,11 +132,13 @@ class MatchStmt:
 
 @dataclass
 class EachStmt:
-    """`each u in users(h): y_u = linear(h, W_u, b_u)`: fan-out over every user of h."""
+    """`each u in users(h): y = linear(h, w, b?)`: fan-out over every user of h (all must match).
+    `each u in any users(h): ...`: over the users that match; the others are left alone."""
     var: str
     source: str
     body: MatchStmt
     loc: Loc
+    partial: bool = False
 
 
 @dataclass

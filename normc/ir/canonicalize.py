@@ -196,9 +196,13 @@ def _to_copy(a, k):
 
 
 def _identity(a, k):
-    if set(k) - {"memory_format"}:
-        return None
-    return "identity", [a[0]], {}
+    return None if k else ("identity", [a[0]], {})
+
+
+def _clone(a, k):
+    # eval-mode dropout is exported as a bare clone; `.contiguous()` is a clone with a memory
+    # format, and a view after it relies on its strides, so that one stays
+    return None if k or len(a) > 1 else ("identity", [a[0]], {})
 
 
 def _dropout(a, k):
@@ -234,7 +238,7 @@ _ATEN = {
     "add": _binary("add"), "sub": _binary("sub"), "mul": _binary("mul"), "div": _binary("div"),
     "matmul": _binary("matmul"), "relu": _unary("relu"), "gelu": _gelu, "silu": _unary("silu"),
     "tanh": _unary("tanh"), "sigmoid": _unary("sigmoid"), "softmax": _softmax, "_softmax": _softmax,
-    "dropout": _dropout, "alias": _identity, "mean": _mean, "pow": _pow, "rsqrt": _unary("inv_sqrt"), "_to_copy": _to_copy,
+    "dropout": _dropout, "alias": _identity, "clone": _clone, "mean": _mean, "pow": _pow, "rsqrt": _unary("inv_sqrt"), "_to_copy": _to_copy,
 }
 # ops that return a tuple whose first element is the result (the others are saved statistics)
 _TUPLE_RESULT = {"_native_batch_norm_legit_no_training", "native_layer_norm"}

@@ -1,6 +1,8 @@
 """Evaluate language expressions against a match: guards on the graph, values on real tensors (float64)."""
 from __future__ import annotations
 
+import re
+
 import torch
 
 from ..grammar import syntax_tree as T
@@ -17,10 +19,14 @@ def source_text(expr, source: str | None) -> str:
     return lines[loc.line - 1][loc.column - 1:] + " ..."
 
 
+FANOUT_REDUCTION = re.compile(r"(max|min|sum|mean)_([A-Za-z_][A-Za-z0-9_]*)")
+
+
 class Evaluator:
-    def __init__(self, ctx: EvalContext, env: dict):
+    def __init__(self, ctx: EvalContext, env: dict, each: dict | None = None):
         self.ctx = ctx
         self.env = env  # name -> NodeRef | None | python value | tensor
+        self.each = each or {}  # fan-out var -> list of per-user envs (for max_u(...) reductions)
 
     # -------------------------------------------------------------- values
     def eval(self, e):
@@ -101,10 +107,24 @@ class Evaluator:
         raise TypeError(op)
 
     def _call(self, e: T.Call):
+        red = FANOUT_REDUCTION.fullmatch(e.func)
+        if red and red.group(2) in self.each and e.func not in BUILTINS:
+            return self._reduce_fanout(red.group(1), self.each[red.group(2)], e.args[0])
         fn = BUILTINS[e.func]
         args = [self.eval(a) for a in e.args]
         kwargs = {k: self.eval(v) for k, v in e.kwargs}
         return fn.fn(self.ctx, *args, **kwargs)
+
+    def _reduce_fanout(self, how: str, envs: list, arg):
+        """max_u(expr): expr evaluated for every user of a fan-out, reduced elementwise."""
+        values = []
+        for local in envs:
+            env = dict(self.env)
+            env.update(local)
+            values.append(self._num(Evaluator(self.ctx, env, self.each).eval(arg)))
+        stacked = torch.stack([v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64)
+                               for v in values])
+        return {"max": stacked.amax(0), "min": stacked.amin(0), "sum": stacked.sum(0), "mean": stacked.mean(0)}[how]
 
     def _index(self, e: T.Index):
         value = self._num(self.eval(e.value))

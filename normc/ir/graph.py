@@ -172,10 +172,11 @@ def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
     spec = getattr(gm, "_in_spec", None)
     if spec is not None:
         return pytree.tree_flatten((tuple(args), dict(kwargs)))[0]
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     flat = list(args)
-    for name in names[len(args):]:
-        flat.append(kwargs.get(name.lstrip("*"), None))
+    for node in placeholders[len(args):]:
+        default = node.args[0] if node.args else None  # symbolic_trace keeps forward's defaults here
+        flat.append(kwargs.get(node.target.lstrip("*"), default))
     return flat
 
 

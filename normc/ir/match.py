@@ -158,11 +158,15 @@ class Pattern:
         if not isinstance(src, NodeRef):
             raise _Fail(f"`{each.source}` is not a graph value", 1)
         envs = []
+        first_miss = None
         for user in list(src.node.users):
             sub = Match(m.root, dict(m.env))
             try:
                 self._match_call(gm, each.body.call, user, sub, 1)
             except _Fail as f:
+                if each.partial:
+                    first_miss = first_miss or f.reason
+                    continue
                 # the root matched: this is a refusal of the site, not a mere near miss
                 raise _Fail(f"every user of `{each.source}` must match: {f.reason}", ROOT_MATCHED) from None
             sub.env[each.body.target] = NodeRef(user)
@@ -171,7 +175,8 @@ class Pattern:
             envs.append(local)
             m.op_nodes.extend(sub.op_nodes)
         if not envs:
-            raise _Fail(f"`{each.source}` has no users", 1)
+            raise _Fail(f"no user of `{each.source}` matches" + (f": {first_miss}" if first_miss else ""),
+                        ROOT_MATCHED if first_miss else 1)
         m.each[each.var] = envs
 
 

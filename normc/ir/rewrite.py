@@ -28,6 +28,7 @@ class SiteRecord:
     reason: str | None = None
     new_nodes: list[str] = field(default_factory=list)
     module_type: str = ""
+    replaced: dict[str, str] = field(default_factory=dict)  # old node name -> the node that took its place
 
 
 @dataclass
@@ -112,13 +113,15 @@ class _Planner:
                     if k not in attrs and k in inherit.kwargs:
                         attrs[k] = inherit.kwargs[k]
             return _OpPlan(schema, operands, attrs, inherit, operand_names)
-        if isinstance(expr, T.Name) and isinstance(self.ev.env.get(expr.id), NodeRef):
+        if isinstance(expr, T.Name) and (isinstance(self.ev.env.get(expr.id), NodeRef) or self.ev.env.get(expr.id) is _FRESH):
             return _Ref(expr.id)
         raise RefuseSite("a rewrite must produce an op call or a bound value")
 
     def plan_operand(self, arg, slot, inherit, index):
         if isinstance(arg, T.Call) and schema_for(arg.func) is not None:
             return self.plan(arg)
+        if isinstance(arg, T.Name) and self.ev.env.get(arg.id) is _FRESH:
+            return _Ref(arg.id)
         if isinstance(arg, T.Name) and isinstance(self.ev.env.get(arg.id), NodeRef) \
                 and self.ev.env[arg.id].node.op != "get_attr":
             return _Ref(arg.id)
@@ -141,6 +144,7 @@ class _Planner:
 
 
 _PARAM_NAMES = {"w": "weight", "b": "bias"}
+_FRESH = object()  # marks a name a rewrite creates, before its node exists
 
 
 class _Emitter:
@@ -189,7 +193,7 @@ def plan_site(gm, rule: T.Rule, match: Match, ctx: EvalContext, params: dict):
     """Evaluate the `let` and the `rewrite` math of a site. Raises RefuseSite; never touches the graph."""
     env = dict(params)
     env.update(match.env)
-    ev = Evaluator(ctx, env)
+    ev = Evaluator(ctx, env, match.each)
     for let in rule.lets:
         env[let.name] = ev.eval(let.expr)
     planner = _Planner(gm, match, ev, _default_dtype(gm, match))
@@ -197,31 +201,41 @@ def plan_site(gm, rule: T.Rule, match: Match, ctx: EvalContext, params: dict):
     for rw in rule.rewrites:
         if rw.each is None:
             plans.append((rw.target, None, planner.plan(rw.expr)))
+            if rw.target not in match.env:
+                env[rw.target] = _FRESH  # a new value: later rewrites may read it
             continue
         for local in match.each.get(rw.each, []):
             sub_env = dict(env)
             sub_env.update(local)
-            sub_ev = Evaluator(ctx, sub_env)
-            for let in rule.lets:  # lets may depend on per-user values only through explicit reductions
-                pass
+            sub_ev = Evaluator(ctx, sub_env, match.each)
             sub = _Planner(gm, match, sub_ev, planner.default_dtype)
             plans.append((rw.target, local, sub.plan(rw.expr)))
     return env, plans
 
 
-def emit_site(gm, match: Match, env: dict, plans) -> list[fx.Node]:
+def emit_site(gm, match: Match, env: dict, plans, replaced: dict | None = None) -> list[fx.Node]:
     created = []
+    # new names (`rewrite n = ...` for an n the pattern did not bind) are placed before the
+    # first matched value the rewrite replaces
+    anchor = next((env[t].node for t, loc, _ in plans if not loc and isinstance(env.get(t), NodeRef)
+                   and t in match.env), match.root)
     for target, local, plan in plans:
         scope_env = dict(env)
         if local:
             scope_env.update(local)
-        old = scope_env[target].node
-        emitter = _Emitter(gm, scope_env, old, match.root)
+        fresh = target not in match.env and not (local and target in local)
+        old = None if fresh else scope_env[target].node
+        emitter = _Emitter(gm, scope_env, anchor if fresh else old, match.root)
         new = emitter.emit(plan)
         created.extend(emitter.created)
+        if fresh:
+            env[target] = NodeRef(new)
+            continue
         for k in ("normc_shape", "normc_dtype"):
             if k in old.meta and k not in new.meta:
                 new.meta[k] = old.meta[k]
+        if replaced is not None:
+            replaced[old.name] = new.name
         old.replace_all_uses_with(new)
         # later rewrites that name this value see the new node
         for e in [env] + [loc for _, loc, _ in plans if loc]:
@@ -286,7 +300,7 @@ def apply_rule(gm: fx.GraphModule, rule: T.Rule, args: dict | None = None, scope
                 report.sites.append(rec)
                 report.applied += 1
                 continue
-            new_nodes = emit_site(gm, m, env, plans)
+            new_nodes = emit_site(gm, m, env, plans, rec.replaced)
             created.update(new_nodes)
             rec.new_nodes = [n.name for n in new_nodes]
             report.sites.append(rec)

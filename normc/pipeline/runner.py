@@ -40,6 +40,9 @@ class RunOptions:
     dry_run: bool = False               # `normc explain`: match and report, change nothing
     opset: int = 18
     progress: object = None             # callable(str) for status lines, or None
+    rollback: bool = False              # roll back the sites that broke verification and go on
+    strict: bool = False                # with rollback: a rollback still fails the run
+    keep_before: bool = False           # keep the canonical graph before the pipeline (for --diff)
 
 
 @dataclass
@@ -50,8 +53,17 @@ class StepRecord:
     seconds: float = 0.0
     approximate: bool = False
 
+    culprits: list = field(default_factory=list)
+    rolled_back: list = field(default_factory=list)
+    bisection_tests: int = 0
+
     def to_dict(self):
         d = {"step": self.step, "seconds": round(self.seconds, 4), "approximate": self.approximate}
+        if self.culprits:
+            d["culprits"] = self.culprits
+            d["bisection_tests"] = self.bisection_tests
+        if self.rolled_back:
+            d["rolled_back"] = self.rolled_back
         if self.verify is not None:
             d["verify"] = self.verify.to_dict()
         d["rules"] = [r.name for r in self.rules]
@@ -66,6 +78,7 @@ class CompileResult:
     report: dict
     passed: bool
     outputs: list[str] = field(default_factory=list)
+    before: fx.GraphModule | None = None  # the canonical graph before the pipeline (RunOptions.keep_before)
 
 
 def input_specs_from_decls(decls: list[T.InputDecl]) -> list[InputSpec]:
@@ -117,6 +130,7 @@ class _Runner:
         self.say("tracing")
         gm, trace_info = prepare_graph(self.loaded)
         before = op_counts(gm)
+        before_gm = copy.deepcopy(gm) if self.options.keep_before else None
         reference = self.loaded.module
         self.verify_set = self.inputs(self.options.verify_inputs)
         pipeline = self.program.main.pipeline
@@ -128,16 +142,36 @@ class _Runner:
         for i, step in enumerate(steps):
             ts = time.perf_counter()
             if isinstance(step, T.Apply):
+                snapshot = copy.deepcopy(gm) if not self.options.dry_run else None
                 record = self.apply(gm, step)
                 self.applied.append(step)
                 # tolerance in force: the next explicit verify step's, else the dtype default
                 nxt = next((s for s in steps[i:] if isinstance(s, T.Verify)), None)
+                tol = _tolerance(nxt, out_dtype)
                 if not self.options.dry_run and any(r.applied for r in record.rules):
                     self.say(f"verifying after `apply {step.rule}`")
-                    record.verify = verify_models(reference, gm, self.verify_set, _tolerance(nxt, out_dtype))
+                    record.verify = verify_models(reference, gm, self.verify_set, tol)
                     if not record.verify.passed and not record.approximate:
-                        passed = False
-                        failure = failure or f"`apply {step.rule}` broke equivalence: {record.verify.summary()}"
+                        broken = record.verify.summary()
+                        culprits = self.bisect(snapshot, step, record, reference, tol)
+                        record.culprits = culprits
+                        named = "; ".join(f"{c['rule']} at {c['site']}" for c in culprits) or "no single site"
+                        if self.options.rollback and culprits:
+                            gm = self.roll_back(snapshot, step, record, culprits, reference, tol)
+                            if not record.verify.passed:
+                                passed = False
+                                failure = failure or f"`apply {step.rule}` still fails after rolling back {named}"
+                            elif self.options.strict:
+                                passed = False
+                                failure = failure or f"--strict: rolled back {named} (they broke equivalence: {broken})"
+                        else:
+                            passed = False
+                            failure = failure or (f"`apply {step.rule}` broke equivalence ({broken}); responsible: {named}"
+                                                  + ("" if self.options.rollback else "; rerun with --rollback to drop them"))
+                        if not passed:  # later steps would only repeat this failure
+                            record.seconds = time.perf_counter() - ts
+                            self.steps.append(record)
+                            break
             elif isinstance(step, T.Verify):
                 record = StepRecord("verify")
                 if not self.options.dry_run:
@@ -181,14 +215,17 @@ class _Runner:
             "outputs": [],
             "seconds": 0.0,
         }
-        result = CompileResult(gm, reference, self.loaded, report, passed)
+        report["rolled_back"] = [c for s in self.steps for c in getattr(s, "rolled_back", [])]
+        report["culprits"] = [c for s in self.steps for c in getattr(s, "culprits", [])]
+        result = CompileResult(gm, reference, self.loaded, report, passed, before=before_gm)
         if passed and self.options.write and not self.options.dry_run:
             self.write_outputs(result)
         report["seconds"] = round(time.perf_counter() - t0, 3)
         return result
 
     # -------------------------------------------------------------- steps
-    def apply(self, gm, step: T.Apply, loaded: LoadedModel | None = None, stats="current") -> StepRecord:
+    def apply(self, gm, step: T.Apply, loaded: LoadedModel | None = None, stats="current",
+              exclude: set = frozenset()) -> StepRecord:
         loaded = loaded or self.loaded
         record = StepRecord(f"apply {step.rule}" + (f" on \"{step.scope}\"" if step.scope else ""))
         ctx = EvalContext(gm, self.stats if stats == "current" else stats)
@@ -199,7 +236,8 @@ class _Runner:
             if isinstance(rule, T.ExternPass):
                 rep = _run_extern(rule, gm, ctx, args, step.scope, self, loaded)
             else:
-                rep = apply_rule(gm, rule, args, step.scope, ctx, dry_run=self.options.dry_run)
+                mine = {k.split("@", 1)[1] for k in exclude if k.split("@", 1)[0] == name}
+                rep = apply_rule(gm, rule, args, step.scope, ctx, exclude=mine, dry_run=self.options.dry_run)
             record.rules.append(rep)
             record.approximate |= rule.kind == "approximate"
             if not self.options.dry_run and rep.applied:
@@ -211,9 +249,87 @@ class _Runner:
         args = {}
         for p, a in zip(rule.params, step.args):
             args[p.name] = ev.eval(a)
+        names = {p.name for p in rule.params}
         for k, v in step.kwargs:
-            args[k] = ev.eval(v)
+            if k in names:
+                args[k] = ev.eval(v)
         return args
+
+    # -------------------------------------------------------------- bisection and rollback
+    def _retry(self, snapshot, step, exclude: set, reference, tol, inputs):
+        gm = copy.deepcopy(snapshot)
+        record = self.apply(gm, step, exclude=exclude)
+        return gm, record, verify_models(reference, gm, inputs, tol)
+
+    def bisect(self, snapshot, step, record, reference, tol) -> list[dict]:
+        """The sites of this step that break equivalence: bisection over the recorded sites
+        (each test re-applies the step from the snapshot with some sites excluded)."""
+        sites = [(r.name, s) for r in record.rules for s in r.sites]
+        if not sites:
+            return []
+        inputs = self.verify_set[:2]
+        keys = [f"{rule}@{s.key}" for rule, s in sites]
+        self.say(f"bisecting {len(keys)} sites of `apply {step.rule}`")
+        tests = 0
+
+        def fails(kept: list[str]) -> bool:
+            nonlocal tests
+            tests += 1
+            _, _, v = self._retry(snapshot, step, set(keys) - set(kept), reference, tol, inputs)
+            return not v.passed
+
+        def search(cands: list[str]) -> list[str]:
+            if len(cands) == 1:
+                return cands
+            half = len(cands) // 2
+            a, b = cands[:half], cands[half:]
+            found = (search(a) if fails(a) else []) + (search(b) if fails(b) else [])
+            return found or cands  # only together: report the whole group
+
+        if fails([]):  # broken with none of this step's sites: the failure came before this step
+            return []
+        if not fails(keys):  # flaky: the full re-application passes
+            return []
+        bad = search(keys)
+        by_key = dict(zip(keys, sites))
+        culprits = []
+        for i, k in enumerate(bad):
+            rule, site = by_key[k]
+            culprits.append({"rule": rule, "site": site.site, "key": site.key,
+                             # error at the site's own boundary, with only this site applied (first few sites)
+                             "local_error": self.local_error(snapshot, k, set(keys), step, reference) if i < 8 else None})
+        record.bisection_tests = tests
+        return culprits
+
+    def local_error(self, snapshot, key, all_keys: set, step, reference) -> float | None:
+        """Error at the site's boundary: the replaced value before vs after, on one input, only this site applied."""
+        try:
+            gm, record, _ = self._retry(snapshot, step, all_keys - {key}, reference, Tolerance(max_rel=1.0), self.verify_set[:1])
+            pairs = {o: n for r in record.rules for s in r.sites if f"{r.name}@{s.key}" == key for o, n in s.replaced.items()}
+            if not pairs:
+                return None
+            args, kwargs = self.verify_set[0]
+            got_old, got_new = {}, {}
+            from ..ir.graph import run_recording
+            run_recording(snapshot, args, kwargs, lambda n, v: got_old.__setitem__(n.name, v) if n.name in pairs else None)
+            run_recording(gm, args, kwargs, lambda n, v: got_new.__setitem__(n.name, v) if n.name in pairs.values() else None)
+            worst = 0.0
+            for old, new in pairs.items():
+                a, b = got_old.get(old), got_new.get(new)
+                if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape:
+                    a64, b64 = a.double(), b.double()
+                    worst = max(worst, float((a64 - b64).abs().max() / a64.abs().max().clamp_min(1e-30)))
+            return worst
+        except Exception:  # attribution is a diagnostic: never let it mask the real failure
+            return None
+
+    def roll_back(self, snapshot, step, record, culprits, reference, tol):
+        exclude = {f"{c['rule']}@{c['key']}" for c in culprits}
+        self.say(f"rolling back {len(exclude)} site(s)")
+        gm, again, v = self._retry(snapshot, step, exclude, reference, tol, self.verify_set)
+        record.rules, record.verify = again.rules, v
+        record.rolled_back = culprits
+        return gm
 
     def verify_step(self, reference, gm, step: T.Verify, out_dtype) -> VerifyResult:
         opts = step.options
