@@ -242,6 +242,186 @@ def _build_bert() -> LoadedModel:
     return _lm("bert", lambda: BertModel(cfg))
 
 
+# --------------------------------------------------------------------------- Unified Normalization models
+# Plain-nn transformers with UnifiedNorm (normc.nn) in place of LayerNorm: pre-norm blocks,
+# attention written with matmul/softmax, so torch.fx.symbolic_trace works and every norm
+# traces to one canonical `fixed_norm` node that folds into the linears reading it.
+
+
+@dataclass(frozen=True)
+class UNConfig:
+    dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    mlp: int = 128
+    # vision
+    image: int = 32
+    patch: int = 8
+    num_classes: int = 10
+    # language
+    vocab: int = _VOCAB
+    max_len: int = 64
+    seq: int = _SEQ
+
+
+UN_SIZES: dict[str, UNConfig] = {
+    "small": UNConfig(),
+    # ViT-B/16-like and GPT-2-small-like widths, for timings that mean something
+    "base": UNConfig(dim=768, depth=12, heads=12, mlp=3072, image=224, patch=16, num_classes=1000,
+                     vocab=8192, max_len=256, seq=128),
+}
+
+
+class UNAttention(nn.Module):
+    """Multi-head self-attention from matmul/softmax; fused qkv or separate q/k/v linears."""
+
+    def __init__(self, dim: int, heads: int, causal: bool = False, max_len: int = 0, fused_qkv: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+        self.heads, self.head_dim, self.fused_qkv, self.causal = heads, dim // heads, fused_qkv, causal
+        self.scale = self.head_dim ** -0.5
+        if fused_qkv:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        else:
+            self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        if causal:
+            mask = torch.full((max_len, max_len), float("-inf")).triu(1)
+            self.register_buffer("mask", mask, persistent=False)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, H, T, Dh]
+        return t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_qkv:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale
+        if self.causal:  # (length read from scores, so the norm output has only linear users)
+            t = scores.size(-1)
+            scores = scores + self.mask.narrow(0, 0, t).narrow(1, 0, t)
+        attn = torch.softmax(scores, dim=-1)
+        out = torch.matmul(attn, v).transpose(1, 2).flatten(2)
+        return self.proj(out)
+
+
+class UNBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(UN(x)); x + mlp(UN(x))."""
+
+    def __init__(self, cfg: UNConfig, causal: bool = False, fused_qkv: bool = True):
+        super().__init__()
+        from normc.nn import UnifiedNorm
+
+        self.norm1 = UnifiedNorm(cfg.dim)
+        self.attn = UNAttention(cfg.dim, cfg.heads, causal, cfg.max_len, fused_qkv)
+        self.norm2 = UnifiedNorm(cfg.dim)
+        self.fc1 = nn.Linear(cfg.dim, cfg.mlp)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(cfg.mlp, cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class UNViT(nn.Module):
+    """ViT-like encoder: patch conv, CLS token, learned positions, UN pre-norm blocks, final UN, head."""
+
+    def __init__(self, cfg: UNConfig = UNConfig()):
+        super().__init__()
+        from normc.nn import UnifiedNorm
+
+        n = (cfg.image // cfg.patch) ** 2
+        self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch, stride=cfg.patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, n + 1, cfg.dim) * 0.02)
+        self.blocks = nn.ModuleList(UNBlock(cfg, causal=False, fused_qkv=True) for _ in range(cfg.depth))
+        self.norm = UnifiedNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)  # [B, N, D]
+        cls = self.cls_token.expand(x.size(0), -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return self.head(x[:, 0])
+
+
+class UNGPT(nn.Module):
+    """GPT-like decoder: token + position embedding, UN pre-norm causal blocks (separate
+    q/k/v linears), final UN, untied LM head."""
+
+    def __init__(self, cfg: UNConfig = UNConfig()):
+        super().__init__()
+        from normc.nn import UnifiedNorm
+
+        self.tok_embed = nn.Embedding(cfg.vocab, cfg.dim)
+        self.pos_embed = nn.Parameter(torch.randn(cfg.max_len, cfg.dim) * 0.02)
+        self.blocks = nn.ModuleList(UNBlock(cfg, causal=True, fused_qkv=False) for _ in range(cfg.depth))
+        self.norm = UnifiedNorm(cfg.dim)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.tok_embed(input_ids) + self.pos_embed.narrow(0, 0, input_ids.size(1))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.lm_head(self.norm(x))
+
+
+@torch.no_grad()
+def randomize_running_stats(module: nn.Module, generator: torch.Generator) -> int:
+    """normc.nn norms (UnifiedNorm, PowerNorm): running statistic ~ U(0.5, 2); returns how many."""
+    from normc.nn import FrozenAffineNorm
+
+    count = 0
+    for m in module.modules():
+        if isinstance(m, FrozenAffineNorm):
+            stat = m._stat()
+            stat.copy_(_uniform(stat.shape, 0.5, 2.0, generator).to(stat.dtype))
+            count += 1
+    return count
+
+
+def _un_config(size: str | UNConfig) -> UNConfig:
+    if isinstance(size, UNConfig):
+        return size
+    if size not in UN_SIZES:
+        raise NormcError(f"no UN model size `{size}`", hint="sizes: " + ", ".join(UN_SIZES))
+    return UN_SIZES[size]
+
+
+def _un_finish(name: str, m: nn.Module, g: torch.Generator, spec: InputSpec) -> LoadedModel:
+    randomize_norms(m, g)            # gamma ~ U(0.5, 1.5), beta ~ 0.1 N(0, 1)
+    randomize_running_stats(m, g)    # running_var ~ U(0.5, 2)
+    x = spec.sample(g)
+    m.eval()                         # refreshes every norm's folded scale / shift
+    return LoadedModel(m, (x,), {}, [spec], f"zoo:{name}", False)
+
+
+def build_un_vit(size: str | UNConfig = "small") -> LoadedModel:
+    """`zoo:un-vit` at a size from UN_SIZES ("small": the zoo entry; "base": 12 layers, d=768, 224px/16)."""
+    cfg = _un_config(size)
+    with _seeded() as g:
+        m = UNViT(cfg)
+        return _un_finish("un-vit", m, g, InputSpec("pixel_values", (1, 3, cfg.image, cfg.image), torch.float32))
+
+
+def build_un_gpt(size: str | UNConfig = "small", seq: int | None = None) -> LoadedModel:
+    """`zoo:un-gpt` at a size from UN_SIZES; `seq` overrides the example sequence length."""
+    cfg = _un_config(size)
+    seq = int(seq or cfg.seq)
+    if seq > cfg.max_len:
+        raise NormcError(f"sequence length {seq} exceeds the model's {cfg.max_len} positions")
+    with _seeded() as g:
+        m = UNGPT(cfg)
+        return _un_finish("un-gpt", m, g, InputSpec("input_ids", (1, seq), torch.int64, 0, cfg.vocab))
+
+
 ZOO: dict[str, ZooEntry] = {
     e.name: e
     for e in [
@@ -263,6 +443,12 @@ ZOO: dict[str, ZooEntry] = {
                  _build_mistral, ("transformer", "rms_norm", "hf")),
         ZooEntry("bert", "HF BertModel, 2 layers, d=64, post-LN, with pooler; input_ids [1,16]",
                  _build_bert, ("transformer", "post_ln", "hf")),
+        ZooEntry("un-vit", "plain-nn ViT-like encoder, 2 pre-norm blocks, d=64, UnifiedNorm (normc.nn) in place "
+                 "of LayerNorm, final UN, CLS head; pixel_values [1,3,32,32]", build_un_vit,
+                 ("transformer", "pre_norm", "unified_norm", "fixed_norm")),
+        ZooEntry("un-gpt", "plain-nn GPT-like decoder, 2 pre-norm causal blocks, d=64, separate q/k/v, "
+                 "UnifiedNorm (normc.nn), final UN, untied LM head; input_ids [1,16]", build_un_gpt,
+                 ("transformer", "pre_norm", "unified_norm", "fixed_norm")),
     ]
 }
 
