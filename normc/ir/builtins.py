@@ -152,6 +152,19 @@ def _all_zero(ctx, v):
     return Guard(ok, f"{tuple(vals)} is not all zero", f"{tuple(vals)} is all zero")
 
 
+def _keeps_last_dim(ctx, index, v):
+    """An index (x[index]) that leaves the last dim of `v` whole: it commutes with per-channel ops."""
+    rank = len(_shape(ctx, v))
+    items = index if isinstance(index, tuple) else (index,)
+    if any(i is Ellipsis for i in items):
+        after = items[[j for j, i in enumerate(items) if i is Ellipsis][0] + 1:]
+        ok = len(after) == 0 or (len(after) == 1 and after[0] == slice(None))
+    else:
+        used = [i for i in items if i is not None]
+        ok = len(used) < rank or used[rank - 1] == slice(None)
+    return Guard(bool(ok), f"index {index!r} takes part of the last dim", f"index {index!r} keeps the last dim")
+
+
 def _rank(ctx, v):
     return len(_shape(ctx, v))
 
@@ -264,6 +277,7 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     _b("frozen_stats", 1, 1, "bool", _frozen_stats, doc="a batch_norm uses running statistics (eval mode)", guard=True, raw=True),
     _b("glob", 2, 2, "bool", _glob, doc="a string (or a value's module path) matches a glob", guard=True, raw=True),
     _b("all_zero", 1, 1, "bool", _all_zero, doc="an attribute (padding) is zero everywhere", guard=True, raw=True),
+    _b("keeps_last_dim", 2, 2, "bool", _keeps_last_dim, doc="an index leaves the last dim of a value whole", guard=True, raw=True),
     _b("rank", 1, 1, "number", _rank, doc="number of dims", raw=True),
     _b("shape", 1, 1, "shape", lambda ctx, v: list(_shape(ctx, v)), doc="the shape, as a list", raw=True),
     _b("size", 1, 2, "number", _size, doc="size(x, dim)", raw=True),

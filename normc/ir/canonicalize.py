@@ -205,6 +205,15 @@ def _clone(a, k):
     return None if k or len(a) > 1 else ("identity", [a[0]], {})
 
 
+def _getitem(a, k):
+    # tensor indexing with slices/tuples; a bare int usually picks an element of a tuple output
+    index = a[1] if len(a) > 1 else None
+    if isinstance(index, slice) or (isinstance(index, tuple) and all(
+            isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in index)):
+        return "getitem", [a[0]], {"index": index}
+    return None
+
+
 def _dropout(a, k):
     if _arg(a, k, 2, "training", _arg(a, k, 2, "train", False)):
         return None
@@ -218,7 +227,7 @@ _FUNCTIONS = {
     operator.add: _binary("add"), torch.add: _binary("add"), operator.sub: _binary("sub"), torch.sub: _binary("sub"),
     operator.mul: _binary("mul"), torch.mul: _binary("mul"), operator.truediv: _binary("div"), torch.div: _binary("div"),
     operator.matmul: _binary("matmul"), torch.matmul: _binary("matmul"), operator.pow: _pow, torch.pow: _pow,
-    torch.rsqrt: _unary("inv_sqrt"), torch.mean: _mean,
+    torch.rsqrt: _unary("inv_sqrt"), torch.mean: _mean, operator.getitem: _getitem,
     F.relu: _unary("relu"), torch.relu: _unary("relu"), F.gelu: _gelu, F.silu: _unary("silu"),
     torch.tanh: _unary("tanh"), torch.sigmoid: _unary("sigmoid"), F.sigmoid: _unary("sigmoid"), F.tanh: _unary("tanh"),
     torch.softmax: _softmax, F.softmax: _softmax, F.dropout: _dropout,

@@ -125,6 +125,17 @@ def softmax(x, *, dim=-1):
     return torch.softmax(x, dim)
 
 
+def getitem(x, *, index=None):
+    return x[index]
+
+
+def _tracing() -> bool:
+    """True while torch.export / dynamo / fx trace us: they must see the plain ops, not a kernel."""
+    import torch.fx._symbolic_trace as st
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    return compiling or st.is_fx_tracing() or torch.jit.is_tracing()
+
+
 def reduce_mean(x, *, dim=-1, keepdim=False):
     return torch.mean(x, dim=dim, keepdim=keepdim)
 
@@ -144,9 +155,14 @@ def cast(x, *, dtype=None):
 _ACT = {"relu": relu, "gelu": gelu, "silu": silu, "tanh": tanh, "sigmoid": sigmoid}
 
 
-def norm_act(x, weight=None, bias=None, *, norm="layer_norm", activation="gelu", eps=1e-5,
-             normalized_shape=None, groups=1, mean=None, var=None, approximate="none"):
-    """A norm followed by an activation, as one op (fused where a backend has a kernel)."""
+def norm_act(x, weight=None, bias=None, mean=None, var=None, *, norm="layer_norm", activation="gelu", eps=1e-5,
+             normalized_shape=None, groups=1, approximate="none"):
+    """A norm followed by an activation, as one op (a fused Triton kernel on CUDA where one exists)."""
+    if x.is_cuda and norm in ("layer_norm", "rms_norm") and not _tracing():
+        from ..kernels import norm_act_triton
+        if norm_act_triton.is_available():
+            return norm_act_triton.norm_act_triton(x, weight, bias, norm=norm, activation=activation, eps=eps,
+                                                   approximate=approximate)
     if norm == "layer_norm":
         y = layer_norm(x, weight, bias, normalized_shape=normalized_shape, eps=eps)
     elif norm == "rms_norm":
@@ -179,9 +195,9 @@ OPS: dict[str, OpSchema] = {s.name: s for s in [
         group_norm, "group norm"),
     _op("fixed_norm", ["x", ("scale", False, True), ("shift", True, True)], {"dim": -1}, fixed_norm,
         "per-channel affine with frozen statistics"),
-    _op("norm_act", ["x", ("weight", True, True), ("bias", True, True)],
+    _op("norm_act", ["x", ("weight", True, True), ("bias", True, True), ("mean", True, True), ("var", True, True)],
         {"norm": "layer_norm", "activation": "gelu", "eps": 1e-5, "normalized_shape": None, "groups": 1,
-         "mean": None, "var": None, "approximate": "none"}, norm_act, "norm followed by an activation, one op"),
+         "approximate": "none"}, norm_act, "norm followed by an activation, one op"),
     _op("embedding", ["ids", ("table", False, True)], {"padding_idx": None}, embedding, "table lookup"),
     _op("add", ["a", "b"], {}, add), _op("sub", ["a", "b"], {}, sub), _op("mul", ["a", "b"], {}, mul),
     _op("div", ["a", "b"], {}, div), _op("matmul", ["a", "b"], {}, matmul),
@@ -192,6 +208,7 @@ OPS: dict[str, OpSchema] = {s.name: s for s in [
     _op("power", ["x"], {"exponent": 2}, power, "x ** exponent"),
     _op("inv_sqrt", ["x"], {}, inv_sqrt, "1 / sqrt(x)"),
     _op("cast", ["x"], {"dtype": None}, cast, "dtype conversion"),
+    _op("getitem", ["x"], {"index": None}, getitem, "tensor indexing x[index] (slices, ints, none)"),
 ]}
 
 # Ops whose two operands may be matched in either order.

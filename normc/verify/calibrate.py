@@ -93,9 +93,9 @@ def resolve_source(source: str, base: Path | None) -> str | Path | None:
     raise NormcError(f"calibration data `{source}` not found", "paths are relative to the .nc file, then to the current folder")
 
 
-def calibration_inputs(loaded, source: str, samples: int | None, base: Path | None = None):
+def calibration_inputs(loaded, source: str, samples: int | None, base: Path | None = None, seed: int = 1):
     from ..data.calibration import load_calibration
-    return load_calibration(resolve_source(source, base), loaded, samples)
+    return load_calibration(resolve_source(source, base), loaded, samples, seed=seed)
 
 
 def collect(gm: fx.GraphModule, inputs) -> Statistics:
