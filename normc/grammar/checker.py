@@ -61,6 +61,9 @@ class Checker:
         for p in rule.params:
             if p.type not in PARAM_TYPES:
                 self.error(p.loc, f"unknown parameter type `{p.type}`", did_you_mean(p.type, PARAM_TYPES))
+            elif p.default is not T.NO_DEFAULT and p.default is not None:
+                kind = BOOL if isinstance(p.default, bool) else NUM if isinstance(p.default, (int, float)) else STR
+                self.check_param_type(p, kind, p.loc, rule.name)
             scope[p.name] = {"float": NUM, "int": NUM, "bool": BOOL}.get(p.type, STR)
         if not rule.match:
             self.error(rule.loc, f"rule `{rule.name}` has no `match` clause", "add `match y = op(...)`")
@@ -114,6 +117,11 @@ class Checker:
                 continue
             self.check_rewrite_expr(rw.expr, env)
             if rw.target not in env and rw.each is None:
+                later = rule.rewrites[rule.rewrites.index(rw) + 1:]
+                if not any(rw.target in _names_in(r.expr) for r in later):
+                    self.error(rw.loc, f"`{rw.target}` is not matched by the pattern and no later rewrite reads it",
+                               did_you_mean(rw.target, [k for k, v in env.items() if v == NODE])
+                               or "rewrite a matched value, or read the new value in a later rewrite")
                 scope[rw.target] = NODE  # a new value, usable by the rewrites after it
 
     def check_pcall(self, pc: T.PCall, scope, op_uses, stmt_targets, outer=None):
@@ -263,6 +271,13 @@ class Checker:
             else:
                 self.expr(a, scope, "rewrite")
 
+    _TYPE_OF = {"float": (NUM,), "int": (NUM,), "bool": (BOOL,), "string": (STR,), "str": (STR,)}
+
+    def check_param_type(self, param: T.Param, t: str, loc, rule: str):
+        allowed = self._TYPE_OF.get(param.type, ())
+        if t not in allowed + (ANY,):
+            self.error(loc, f"`{param.name}` of `{rule}` is a {param.type}; this is a {t}")
+
     # ------------------------------------------------------------------ pipeline
     def check_pipeline(self, pipe: T.Pipeline):
         for step in pipe.steps:
@@ -277,12 +292,20 @@ class Checker:
                     params = {p.name: p for p in rule.params}
                     if len(step.args) > len(rule.params):
                         self.error(step.loc, f"`{step.rule}` takes {len(rule.params)} parameters; got {len(step.args)}")
+                    given = {p.name: a for p, a in zip(rule.params, step.args)}
                     for k, v in step.kwargs:
                         if k not in params:
                             self.error(v.loc, f"`{step.rule}` has no parameter `{k}`",
                                        did_you_mean(k, params) or f"its parameters: {', '.join(params) or 'none'}")
-                    for a in list(step.args) + [v for _, v in step.kwargs]:
-                        self.expr(a, {}, "apply")
+                        else:
+                            given[k] = v
+                    for p in rule.params:
+                        if p.default is T.NO_DEFAULT and p.name not in given:
+                            self.error(step.loc, f"`{step.rule}` needs a value for `{p.name}`",
+                                       f"write `apply {step.rule}({p.name} = ...)`")
+                    for name, a in given.items():
+                        t = self.expr(a, {}, "apply")
+                        self.check_param_type(params[name], t, a.loc, step.rule)
                 elif step.args:
                     self.error(step.loc, f"`{step.rule}` is a group of rules: pass parameters by name")
                 else:
@@ -306,6 +329,19 @@ class Checker:
                         if k not in EXPORT_FORMATS[step.format]:
                             self.error(step.loc, f"`export {step.format}` has no option `{k}`",
                                        did_you_mean(k, EXPORT_FORMATS[step.format]))
+
+
+def _names_in(e) -> set[str]:
+    if isinstance(e, T.Name):
+        return {e.id}
+    out = set()
+    for v in vars(e).values() if hasattr(e, "__dict__") else ():
+        for item in (v if isinstance(v, list) else [v]):
+            if isinstance(item, tuple):
+                item = item[1]
+            if hasattr(item, "loc") and not isinstance(item, T.Loc):
+                out |= _names_in(item)
+    return out
 
 
 def check_program(program: Program) -> Program:

@@ -43,6 +43,11 @@ def _add_module(program: Program, module: T.Module, prefix: str, group: str | No
         program.rules[qual] = item
         names.append(qual)
     if group:
+        clash = program.rules.get(group)
+        if clash is not None:
+            raise NcError([Diagnostic(clash.loc, f"rule `{group}` has the name of the group of rules in `{module.file}`",
+                                      "rename the rule or the file: `apply` could not tell them apart")], clash.module.source
+                          if clash.module else None)
         program.groups[group] = names
 
 

@@ -37,6 +37,13 @@ def _word(terminal: str) -> str:
     return terminal
 
 
+class _Literal:
+    """A parsed default value (so `= none` differs from no default at all)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
 class _Build(Transformer):
     def __init__(self, file: str):
         super().__init__(visit_tokens=True)
@@ -97,8 +104,8 @@ class _Build(Transformer):
     def literal(self, c):
         tok = c[0]
         if isinstance(tok, Token):
-            return {"TRUE": True, "FALSE": False, "NONE": None}.get(tok.type, tok.value)
-        return tok
+            return _Literal({"TRUE": True, "FALSE": False, "NONE": None}.get(tok.type, tok.value))
+        return _Literal(tok)
 
     # ---------------------------------------------------------- rules
     @v_args(meta=True)
@@ -133,8 +140,9 @@ class _Build(Transformer):
 
     @v_args(meta=True)
     def param(self, meta, c):
-        default = c[2]
+        default = c[2].value if isinstance(c[2], _Literal) else T.NO_DEFAULT
         return T.Param(str(c[0]), str(c[1]), default, self._loc(c[0]))
+
 
     def doc_clause(self, c):
         return ("doc", c[0].value)

@@ -156,6 +156,9 @@ class Rewrite:
     each: str | None = None  # set for `each u: y_u = ...` rewrites
 
 
+NO_DEFAULT = object()  # a parameter declared without `= value`: the caller must give it
+
+
 @dataclass
 class Param:
     name: str

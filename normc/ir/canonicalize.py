@@ -270,6 +270,25 @@ def _translate(gm: fx.GraphModule, node: fx.Node):
     return None
 
 
+def _conv_attrs(gm, w, attrs):
+    """stride/padding/dilation as tuples of the conv's rank, whatever form the model used."""
+    from .graph import get_param
+    try:
+        rank = get_param(gm, w).dim() - 2 if isinstance(w, fx.Node) and w.op == "get_attr" else None
+    except AttributeError:
+        rank = None
+    if rank is None:
+        return attrs
+    out = dict(attrs)
+    for k in ("stride", "padding", "dilation"):
+        v = out.get(k)
+        if isinstance(v, int):
+            out[k] = (v,) * rank
+        elif isinstance(v, list):
+            out[k] = tuple(v)
+    return out
+
+
 def _val_shape(node):
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     if val is None and isinstance(node, fx.Node) and "normc_shape" in node.meta:
@@ -346,6 +365,8 @@ def canonicalize(gm: fx.GraphModule, recognize: bool = True) -> fx.GraphModule:
             node.replace_all_uses_with(operands[0])
             graph.erase_node(node)
             continue
+        if name == "conv":
+            attrs = _conv_attrs(gm, operands[1], attrs)
         schema = ops.OPS[name]
         operands = list(operands) + [None] * (len(schema.operands) - len(operands))
         with graph.inserting_before(node):

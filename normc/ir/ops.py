@@ -65,6 +65,21 @@ def rms_norm(x, weight=None, *, normalized_shape=None, eps=None):
     return F.rms_norm(x, tuple(shape), weight, eps)
 
 
+def crms_norm(x, weight=None, bias=None, *, eps=1e-5, expand=True):
+    """Compressed RMSNorm (Jiang et al. 2023) of a zero-mean vector stored without its last
+    coordinate: n' = x / sqrt((sum x^2 + (sum x)^2) / d + eps), d = x.shape[-1] + 1.
+    With `expand`, returns the full normalised vector [n', -sum n'] with the affine applied."""
+    d = x.shape[-1] + 1
+    s = x.sum(-1, keepdim=True)
+    n = x * torch.rsqrt(((x * x).sum(-1, keepdim=True) + s * s) / d + eps)
+    if not expand:
+        return n
+    full = torch.cat([n, -n.sum(-1, keepdim=True)], dim=-1)
+    if weight is not None:
+        full = full * weight
+    return full + bias if bias is not None else full
+
+
 def group_norm(x, weight=None, bias=None, *, groups=1, eps=1e-5):
     return F.group_norm(x, groups, weight, bias, eps)
 
@@ -191,6 +206,8 @@ OPS: dict[str, OpSchema] = {s.name: s for s in [
         {"normalized_shape": None, "eps": 1e-5}, layer_norm, "layer norm over the trailing dims"),
     _op("rms_norm", ["x", ("weight", True, True)], {"normalized_shape": None, "eps": None}, rms_norm,
         "RMS norm over the trailing dims"),
+    _op("crms_norm", ["x", ("weight", True, True), ("bias", True, True)], {"eps": 1e-5, "expand": True}, crms_norm,
+        "compressed RMSNorm of a d-1 dim zero-mean stream; expand: the full d-dim output with affine"),
     _op("group_norm", ["x", ("weight", True, True), ("bias", True, True)], {"groups": 1, "eps": 1e-5},
         group_norm, "group norm"),
     _op("fixed_norm", ["x", ("scale", False, True), ("shift", True, True)], {"dim": -1}, fixed_norm,

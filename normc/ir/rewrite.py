@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.fx as fx
 
+from ..errors import NormcError
 from ..grammar import syntax_tree as T
 from .builtins import EvalContext, NodeRef, RefuseSite
 from .evaluate import Evaluator
@@ -52,8 +53,8 @@ class RuleReport:
         }
 
 
-class FixpointError(RuntimeError):
-    pass
+class FixpointError(NormcError):
+    """A rule whose rewrite produces its own pattern again."""
 
 
 def bind_params(rule: T.Rule, args: dict) -> dict:
@@ -310,7 +311,7 @@ def apply_rule(gm: fx.GraphModule, rule: T.Rule, args: dict | None = None, scope
             break
     else:
         raise FixpointError(f"rule `{report.name}` still matches after {max_sweeps} sweeps: "
-                            "its rewrite produces its own pattern")
+                            "its rewrite produces its own pattern", "add a guard that is false on the rewritten form")
     live = lambda n: not getattr(n, "_erased", False) and n not in created  # noqa: E731
     report.skipped = [r for n, r in refused.items() if r.reason is not None and live(n)]
     report.near_misses = [r for n, r in near.items() if live(n)]

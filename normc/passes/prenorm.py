@@ -198,12 +198,24 @@ def _analyse(gm, readers):
     return plans
 
 
+def _plans(gm, readers):
+    plans = _analyse(gm, readers)
+    post_ln = next((r for _, r in plans if r and r.startswith("post-LN")), None)
+    if post_ln:  # converting the odd embedding LayerNorm of a post-LN model would be exact but pointless
+        plans = [(s, r or f"the model is post-LN elsewhere ({post_ln})") for s, r in plans]
+    return plans
+
+
 def _centred(t: torch.Tensor, axis: int) -> torch.Tensor:
     t64 = t.detach().to(torch.float64)
     return (t64 - t64.mean(dim=axis, keepdim=True)).to(t.dtype)
 
 
-def _recentre(gm, action: _Action, untie: bool, notes: list) -> None:
+def _drop_last(t: torch.Tensor, axis: int) -> torch.Tensor:
+    return t.narrow(axis, 0, t.shape[axis] - 1)
+
+
+def _recentre(gm, action: _Action, untie: bool, notes: list, compress: bool = False) -> None:
     graph = gm.graph
     for i, p in enumerate(action.param_nodes):
         if p is None:
@@ -211,6 +223,8 @@ def _recentre(gm, action: _Action, untie: bool, notes: list) -> None:
         t = get_param(gm, p)
         axis = action.axis if not (action.kind in ("linear", "conv") and i == 1) else 0  # biases: their only dim
         value = _centred(t, axis)
+        if compress:  # Pre-CRMSNorm: the zero-mean stream is stored without its last coordinate
+            value = _drop_last(value, axis).contiguous()
         sharers = [u for u in param_users(gm, p) if u is not action.node]
         if not untie:
             t.data.copy_(value)  # in place: every user of a shared tensor sees it (wrong when tied)
@@ -261,11 +275,7 @@ def to_rmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_run
     readers = _readers(gm, scope)
     if not readers:
         return _already_rms(gm, report)
-    plans = _analyse(gm, readers)
-    post_ln = next((r for _, r in plans if r and r.startswith("post-LN")), None)
-    if post_ln:  # converting the odd embedding LayerNorm of a post-LN model would be exact but pointless
-        plans = [(s, r or f"the model is post-LN elsewhere ({post_ln})") for s, r in plans]
-    for stream, reason in plans:
+    for stream, reason in _plans(gm, readers):
         first = stream.readers[0]
         rec = SiteRecord(f"residual stream d={stream.hidden}: {len(stream.readers)} LayerNorms, "
                          f"{len(stream.actions)} writers (last: {site_name(stream.readers[-1])})",
@@ -287,10 +297,94 @@ def to_rmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_run
     return report
 
 
+# ------------------------------------------------------------------ Pre-CRMSNorm
+def _resize_plan(gm, stream: _Stream) -> list:
+    """Reshapes on the stream (and in writer chains) that spell the hidden size: (node, arg index, position)."""
+    d = stream.hidden
+    nodes = [n for n in stream.adds if op_name(n) == "reshape"]
+    nodes += [n for a in stream.actions for n in _chain(a, stream) if op_name(n) == "reshape"]
+    plan = []
+    for n in dict.fromkeys(nodes):
+        shape = n.args[1] if len(n.args) > 1 else None
+        if not isinstance(shape, (list, tuple)):
+            raise Refuse(f"cannot compress the stream through `{site_name(n)}`: its shape is not a list of sizes")
+        out = tuple(n.meta.get("normc_shape", ()))
+        positions = [i for i, s in enumerate(shape) if s == d]
+        if len(positions) != 1 or list(out).count(d) != 1 or (len(out) == len(shape) and out[positions[0]] != d):
+            raise Refuse(f"cannot tell which size of `{site_name(n)}` {list(shape)} is the hidden size {d}")
+        plan.append((n, positions[0]))
+    return plan
+
+
+def _chain(action: _Action, stream: _Stream) -> list:
+    """The nodes between a writer's parameter reader and the stream add it feeds."""
+    into = {a for _, a in stream.writers} | stream.adds
+    out, node = [], action.node
+    seen = set()
+    while node is not None and node not in into and node not in seen:
+        seen.add(node)
+        out.append(node)
+        node = next(iter(node.users), None) if len(node.users) == 1 else None
+    return out
+
+
 def to_crmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_run=False, untie=True) -> RuleReport:
-    from .crmsnorm import compress
-    report = to_rmsnorm(gm, ctx=ctx, scope=scope, loaded=loaded, dry_run=dry_run, untie=untie)
-    report.name = "std.prenorm_to_crmsnorm"
+    """Pre-LN -> Pre-CRMSNorm: the zero-mean stream keeps d-1 coordinates (the last is minus their sum).
+
+    Writers are recentred and lose their last output row; reshapes on the stream are resized;
+    LayerNorm readers become `crms_norm` (which rebuilds the full normalised vector), and the
+    linears reading them are compressed by std.compress_crms_readers (W[:, :-1] - W[:, -1:]).
+    """
+    report = RuleReport("std.prenorm_to_crmsnorm")
+    readers = _readers(gm, scope)
+    if not readers:
+        return _already_rms(gm, report)
+    if not untie:
+        report.notes.append("untie=false cannot compress a shared tensor in place: nothing done")
+        return report
+    for stream, reason in _plans(gm, readers):
+        resize = []
+        if reason is None:
+            try:
+                resize = _resize_plan(gm, stream)
+            except Refuse as e:
+                reason = str(e)
+        rec = SiteRecord(f"residual stream d={stream.hidden} -> {stream.hidden - 1}: {len(stream.readers)} LayerNorms, "
+                         f"{len(stream.actions)} writers", f"stream:{stream.readers[0].name}", module_path(stream.readers[0]))
+        if reason is not None:
+            rec.reason = reason
+            report.skipped.append(rec)
+            continue
+        report.sites.append(rec)
+        report.applied += 1
+        if dry_run:
+            continue
+        for action in stream.actions:
+            _recentre(gm, action, True, report.notes, compress=True)
+        for node, pos in resize:
+            shape = list(node.args[1])
+            shape[pos] = stream.hidden - 1
+            node.args = (node.args[0], type(node.args[1])(shape)) + tuple(node.args[2:])
+        for ln in stream.readers:
+            _to_crms(gm, ln)
     if report.applied and not dry_run:
-        compress(gm, report)
+        finish(gm)
+        from ..grammar.loader import load_std
+        from ..ir.rewrite import apply_rule
+        rule = load_std().rules["std.compress_crms_readers"]
+        n = apply_rule(gm, rule).applied
+        report.notes.append(f"{n} CRMSNorm reader(s) compressed into the linears after them "
+                            "(the others rebuild the full vector)")
     return report
+
+
+def _to_crms(gm, ln: fx.Node) -> None:
+    graph = gm.graph
+    args = list(ln.args) + [None] * (3 - len(ln.args))
+    with graph.inserting_before(ln):
+        new = graph.call_function(ops.crms_norm, (args[0], args[1], args[2]),
+                                  {"eps": ln.kwargs.get("eps", 1e-5), "expand": True})
+    new.meta.update({k: ln.meta[k] for k in ("normc_shape", "normc_dtype", "nn_module_stack") if k in ln.meta})
+    new.meta["normc_path"], new.meta["normc_module_type"] = module_path(ln), ln.meta.get("normc_module_type", "")
+    ln.replace_all_uses_with(new)
+    graph.erase_node(ln)

@@ -14,3 +14,12 @@ pass prenorm_to_crmsnorm(untie: bool = true) {
   exact
   impl "normc.passes.prenorm:to_crmsnorm"
 }
+
+rule compress_crms_readers {
+  doc "linears reading an expanded CRMSNorm read its d-1 compressed output: W' = (W diag(g))[:, :-1] - (W diag(g))[:, -1:], b' = b + W beta"
+  exact
+  match   h = crms_norm(x, g?, beta?, eps = e, expand = true)
+          each u in users(h): y = linear(h, w, b?)
+  rewrite n = crms_norm(x, eps = e, expand = false)
+          each u: y = linear(n, (w * (g ?? 1))[:, :-1] - (w * (g ?? 1))[:, -1:], (b ?? 0) + sum(w * (beta ?? 0), dim = 1))
+}

@@ -3,15 +3,6 @@
 # however a model spelled them. (The 1:1 forms — nn.LayerNorm, F.layer_norm,
 # aten.layer_norm, nn.RMSNorm, aten.rms_norm — are translated before these run.)
 
-rule rms_norm_chain {
-  doc "x * rsqrt(mean(x^2, -1) + eps), the RMSNorm torch.export leaves for LLaMA, Qwen2, Mistral"
-  exact
-  match   v = reduce_mean(power(x, exponent = 2), dim = d, keepdim = true)
-          y = mul(x, inv_sqrt(add(v, eps)))
-  where   d == [-1] and not is_param(eps)
-  rewrite y = rms_norm(x, normalized_shape = [size(x, -1)], eps = eps)
-}
-
 rule layer_norm_chain {
   doc "(x - mean(x)) * rsqrt(var(x) + eps), a hand-written LayerNorm"
   exact
@@ -21,6 +12,15 @@ rule layer_norm_chain {
           y = mul(c, inv_sqrt(add(v, eps)))
   where   d == [-1] and d2 == [-1] and not is_param(eps)
   rewrite y = layer_norm(x, normalized_shape = [size(x, -1)], eps = eps)
+}
+
+rule rms_norm_chain {
+  doc "x * rsqrt(mean(x^2, -1) + eps), the RMSNorm torch.export leaves for LLaMA, Qwen2, Mistral"
+  exact
+  match   v = reduce_mean(power(x, exponent = 2), dim = d, keepdim = true)
+          y = mul(x, inv_sqrt(add(v, eps)))
+  where   d == [-1] and not is_param(eps)
+  rewrite y = rms_norm(x, normalized_shape = [size(x, -1)], eps = eps)
 }
 
 rule rms_norm_weight {
