@@ -75,7 +75,8 @@ def _run(rules, model, output, opts, write, dry_run=False):
         loaded = api.load(program, model, weights=opts["weights"], allow_pickle=opts["allow_pickle"])
         options = RunOptions(output=Path(output) if output else None, verify_inputs=opts["samples"], seed=opts["seed"],
                              write=write, dry_run=dry_run, progress=say, rollback=opts.get("rollback", False),
-                             strict=opts.get("strict", False), keep_before=bool(opts.get("diff_path")))
+                             strict=opts.get("strict", False), keep_before=bool(opts.get("diff_path")),
+                             opset=opts.get("opset"))
         result = compile_model(program, loaded, options)
     _write_reports(result, opts)
     return result
@@ -125,13 +126,15 @@ def _summary(result, verb: str):
 @click.argument("rules", type=click.Path(dir_okay=False))
 @click.argument("model")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="output file: .pt2, .onnx, .safetensors or .engine")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: 23 if the model has RMSNorm, else 18)")
 @_common
-def apply(rules, model, output, **opts):
+def apply(rules, model, output, opset, **opts):
     """Apply RULES (a .nc file) to MODEL, verify, and write the result.
 
     MODEL is zoo:NAME, path/to/file.py:function, package.module:function, a .pt2 archive,
     or a pickled .pt module (with --allow-pickle).
     """
+    opts["opset"] = opset
     result = _run(rules, model, output, opts, write=True)
     _summary(result, "apply")
     sys.exit(0 if result.passed else EXIT_VERIFY_FAILED)

@@ -38,7 +38,7 @@ class RunOptions:
     seed: int = 0
     write: bool = True                  # False for `normc check`: verify only
     dry_run: bool = False               # `normc explain`: match and report, change nothing
-    opset: int = 18
+    opset: int | None = None           # ONNX opset; None: 23 when the graph has rms_norm (RMSNormalization), else 18
     progress: object = None             # callable(str) for status lines, or None
     rollback: bool = False              # roll back the sites that broke verification and go on
     strict: bool = False                # with rollback: a rollback still fails the run
@@ -392,6 +392,14 @@ class _Runner:
         self.calib_inputs = inputs
 
     # -------------------------------------------------------------- outputs
+    def onnx_opset(self, gm, opts) -> int:
+        if "opset" in opts:
+            return int(opts["opset"])
+        if self.options.opset is not None:
+            return self.options.opset
+        # LayerNormalization needs >= 17; RMSNormalization exists from 23: below it, it would be decomposed
+        return 23 if op_counts(gm).get("rms_norm") else 18
+
     def write_outputs(self, result: CompileResult):
         from ..backends import onnx_backend, torch_backend
         gm, loaded = result.graph_module, self.loaded
@@ -408,7 +416,7 @@ class _Runner:
             elif fmt == "safetensors":
                 torch_backend.save_state_dict(gm, path)
             elif fmt == "onnx":
-                opset = int(opts.get("opset", self.options.opset))
+                opset = self.onnx_opset(gm, opts)
                 onnx_backend.export_onnx(gm, loaded.example_args, loaded.example_kwargs, path, opset=opset)
                 check = onnx_backend.check_onnx(path, gm, self.verify_set[:2], None)
                 result.report.setdefault("onnx_check", []).append({"path": str(path), **check.to_dict()})
@@ -418,9 +426,10 @@ class _Runner:
                                              "report this with the model; export torch (.pt2) meanwhile")
             elif fmt == "tensorrt":
                 from ..backends import tensorrt_backend
+                tensorrt_backend.require()  # say what is missing before writing anything
                 onnx_path = path.with_suffix(".onnx")
                 onnx_backend.export_onnx(gm, loaded.example_args, loaded.example_kwargs, onnx_path,
-                                         opset=int(opts.get("opset", self.options.opset)))
+                                         opset=self.onnx_opset(gm, opts))
                 tensorrt_backend.build_engine(onnx_path, path, fp16=bool(opts.get("fp16", False)))
             result.outputs.append(str(path))
             result.report["outputs"].append({"format": fmt, "path": str(path)})
