@@ -153,16 +153,22 @@ def _all_zero(ctx, v):
 
 
 def _keeps_last_dim(ctx, index, v):
-    """An index (x[index]) that leaves the last dim of `v` whole: it commutes with per-channel ops."""
+    """An index (x[index]) that leaves the last dim of `v` whole and last: it commutes with per-channel ops."""
     rank = len(_shape(ctx, v))
     items = index if isinstance(index, tuple) else (index,)
     if any(i is Ellipsis for i in items):
-        after = items[[j for j, i in enumerate(items) if i is Ellipsis][0] + 1:]
-        ok = len(after) == 0 or (len(after) == 1 and after[0] == slice(None))
+        cut = [j for j, i in enumerate(items) if i is Ellipsis][0]
+        ok = items[cut + 1:] in ((), (slice(None),))
     else:
-        used = [i for i in items if i is not None]
-        ok = len(used) < rank or used[rank - 1] == slice(None)
-    return Guard(bool(ok), f"index {index!r} takes part of the last dim", f"index {index!r} keeps the last dim")
+        ok, dim = True, 0
+        for it in items:
+            if it is None:
+                ok = ok and dim < rank  # a new axis after the last dim would move it
+                continue
+            if dim == rank - 1 and it != slice(None):
+                ok = False
+            dim += 1
+    return Guard(bool(ok), f"index {index!r} takes part of the last dim or moves it", f"index {index!r} keeps the last dim")
 
 
 def _rank(ctx, v):
@@ -277,6 +283,11 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     _b("frozen_stats", 1, 1, "bool", _frozen_stats, doc="a batch_norm uses running statistics (eval mode)", guard=True, raw=True),
     _b("glob", 2, 2, "bool", _glob, doc="a string (or a value's module path) matches a glob", guard=True, raw=True),
     _b("all_zero", 1, 1, "bool", _all_zero, doc="an attribute (padding) is zero everywhere", guard=True, raw=True),
+    _b("is_number", 1, 1, "bool", lambda ctx, v: Guard(isinstance(v, (int, float)) and not isinstance(v, bool),
+                                                       f"{v!r} is not a constant number", "a constant number"),
+       doc="a constant number (not a graph value)", guard=True, raw=True),
+    _b("len", 1, 1, "number", lambda ctx, v: len(v) if isinstance(v, (list, tuple)) else (0 if v is None else 1),
+       doc="length of a list attribute (normalized_shape)", raw=True),
     _b("keeps_last_dim", 2, 2, "bool", _keeps_last_dim, doc="an index leaves the last dim of a value whole", guard=True, raw=True),
     _b("rank", 1, 1, "number", _rank, doc="number of dims", raw=True),
     _b("shape", 1, 1, "shape", lambda ctx, v: list(_shape(ctx, v)), doc="the shape, as a list", raw=True),

@@ -7,7 +7,7 @@ rule sink_fixed_norm {
   exact
   match   n = fixed_norm(x, a, c?, dim = d)
           y = getitem(n, index = i)
-  where   d == -1 and single_use(n) and keeps_last_dim(i, n)
+  where   d == -1 and single_use(n) and keeps_last_dim(i, n) and rank(a) == 1 and size(a, 0) == size(x, -1)
   rewrite y = fixed_norm(getitem(x, index = i), a, c, dim = -1)
 }
 
@@ -16,7 +16,7 @@ rule fold_fixed_norm_next {
   exact
   match   h = fixed_norm(x, a, c?, dim = d)
           each u in users(h): y = linear(h, w, b?)
-  where   (d == -1 or d == rank(x) - 1) and rank(a) == 1
+  where   (d == -1 or d == rank(x) - 1) and rank(a) == 1 and size(a, 0) == size(x, -1)
   rewrite each u: y = linear(x, w * a, (b ?? 0) + sum(w * (c ?? 0), dim = 1))
 }
 
@@ -25,6 +25,6 @@ rule fold_fixed_norm_prev {
   exact
   match   l = linear(x, w, b?)
           y = fixed_norm(l, a, c?, dim = d)
-  where   (d == -1 or d == rank(l) - 1) and rank(a) == 1 and single_use(l) and not shared(w)
+  where   (d == -1 or d == rank(l) - 1) and rank(a) == 1 and size(a, 0) == size(l, -1) and single_use(l) and not shared(w)
   rewrite y = linear(x, w * bcast(a, w, 0), (b ?? 0) * a + (c ?? 0))
 }

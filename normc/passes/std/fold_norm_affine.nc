@@ -5,9 +5,9 @@
 rule fold_layer_norm_affine {
   doc "LayerNorm gamma/beta folded into every linear reading it (W' = W diag(gamma), b' = b + W beta)"
   exact
-  match   h = layer_norm(x, g?, beta?)
+  match   h = layer_norm(x, g?, beta?, normalized_shape = ns)
           each u in users(h): y = linear(h, w, b?)
-  where   present(g) or present(beta)
+  where   (present(g) or present(beta)) and len(ns) == 1          # over the last dim: the linears' input
   rewrite h = layer_norm(x)
           each u: y = linear(h, w * (g ?? 1), (b ?? 0) + sum(w * (beta ?? 0), dim = 1))
 }
@@ -15,9 +15,9 @@ rule fold_layer_norm_affine {
 rule fold_rms_norm_affine {
   doc "RMSNorm gain folded into every linear reading it (W' = W diag(gamma))"
   exact
-  match   h = rms_norm(x, g?)
+  match   h = rms_norm(x, g?, normalized_shape = ns)
           each u in users(h): y = linear(h, w, b?)
-  where   present(g)
+  where   present(g) and len(ns) == 1
   rewrite h = rms_norm(x)
           each u: y = linear(h, w * g, b)
 }

@@ -8,7 +8,8 @@
 rule ln_to_bn {
   doc "LayerNorm -> BN-style fixed norm: per-channel mean and variance of its input, from calibration"
   approximate
-  match   h = layer_norm(x, g?, beta?, eps = eps)
+  match   h = layer_norm(x, g?, beta?, normalized_shape = ns, eps = eps)
+  where   len(ns) == 1
   let     mu = mean(x)
           var = clamp(rms(x) ** 2 - mu ** 2, min = 0)
           s = (g ?? 1) / sqrt(var + eps)
@@ -18,7 +19,8 @@ rule ln_to_bn {
 rule ln_to_un {
   doc "LayerNorm -> UN-style fixed norm: per-channel second moment of its input (no mean), from calibration"
   approximate
-  match   h = layer_norm(x, g?, beta?, eps = eps)
+  match   h = layer_norm(x, g?, beta?, normalized_shape = ns, eps = eps)
+  where   len(ns) == 1
   let     s = (g ?? 1) / sqrt(rms(x) ** 2 + eps)
   rewrite h = fixed_norm(x, s, beta ?? 0 * s)
 }

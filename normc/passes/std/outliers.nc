@@ -10,8 +10,9 @@
 rule smooth(alpha: float = 0.5) {
   doc "SmoothQuant: LayerNorm -> {linears} outliers migrated into the weights (gamma/s, beta/s, W*s)"
   exact
-  match   h = layer_norm(x, g?, beta?)
+  match   h = layer_norm(x, g?, beta?, normalized_shape = ns)
           each u in users(h): y = linear(h, w, b?)
+  where   len(ns) == 1                        # scales are per channel of the last dim
   let     wmax = clamp(max_u(absmax(w, dim = 0)), min = 1e-5)          # all-zero weight columns: no infinite scale
           s = clamp(clamp(absmax(h), min = 1e-5) ** alpha / wmax ** (1 - alpha), min = 1e-5)
   rewrite h = layer_norm(x, (g ?? 1) / s, (beta ?? 0) / s)
@@ -21,8 +22,9 @@ rule smooth(alpha: float = 0.5) {
 rule smooth_rms(alpha: float = 0.5) {
   doc "SmoothQuant for RMSNorm -> {linears} (LLaMA-style): gamma/s, W*s"
   exact
-  match   h = rms_norm(x, g?)
+  match   h = rms_norm(x, g?, normalized_shape = ns)
           each u in users(h): y = linear(h, w, b?)
+  where   len(ns) == 1
   let     wmax = clamp(max_u(absmax(w, dim = 0)), min = 1e-5)
           s = clamp(clamp(absmax(h), min = 1e-5) ** alpha / wmax ** (1 - alpha), min = 1e-5)
   rewrite h = rms_norm(x, (g ?? 1) / s)
@@ -32,8 +34,9 @@ rule smooth_rms(alpha: float = 0.5) {
 rule smooth_compensated(alpha: float = 0.5) {
   doc "SmoothQuant for post-LN norms: the linears get W*s, the other readers (the residual) get the norm output times s back"
   exact
-  match   h = layer_norm(x, g?, beta?)
+  match   h = layer_norm(x, g?, beta?, normalized_shape = ns)
           each u in any users(h): y = linear(h, w, b?)
+  where   len(ns) == 1
   let     wmax = clamp(max_u(absmax(w, dim = 0)), min = 1e-5)
           s = clamp(clamp(absmax(h), min = 1e-5) ** alpha / wmax ** (1 - alpha), min = 1e-5)
   rewrite n = layer_norm(x, (g ?? 1) / s, (beta ?? 0) / s)
@@ -44,8 +47,9 @@ rule smooth_compensated(alpha: float = 0.5) {
 rule shift_scale(alpha: float = 0.5) {
   doc "Outlier Suppression+: shift z=(max+min)/2 into the norm bias and the linears' biases (b + W z), then scale"
   exact
-  match   h = layer_norm(x, g?, beta?)
+  match   h = layer_norm(x, g?, beta?, normalized_shape = ns)
           each u in users(h): y = linear(h, w, b?)
+  where   len(ns) == 1                        # scales are per channel of the last dim
   let     z = (max(h) + min(h)) / 2
           wmax = clamp(max_u(absmax(w, dim = 0)), min = 1e-5)
           s = clamp(clamp((max(h) - min(h)) / 2, min = 1e-5) ** alpha / wmax ** (1 - alpha), min = 1e-5)
@@ -56,8 +60,9 @@ rule shift_scale(alpha: float = 0.5) {
 rule shift_scale_compensated(alpha: float = 0.5) {
   doc "Outlier Suppression+ for post-LN norms: the skip path gets (n * s + z) back"
   exact
-  match   h = layer_norm(x, g?, beta?)
+  match   h = layer_norm(x, g?, beta?, normalized_shape = ns)
           each u in any users(h): y = linear(h, w, b?)
+  where   len(ns) == 1
   let     z = (max(h) + min(h)) / 2
           wmax = clamp(max_u(absmax(w, dim = 0)), min = 1e-5)
           s = clamp(clamp((max(h) - min(h)) / 2, min = 1e-5) ** alpha / wmax ** (1 - alpha), min = 1e-5)

@@ -10,7 +10,7 @@ rule layer_norm_chain {
           c = sub(x, mu)
           v = reduce_mean(power(c, exponent = 2), dim = d2, keepdim = true)
           y = mul(c, inv_sqrt(add(v, eps)))
-  where   d == [-1] and d2 == [-1] and not is_param(eps)
+  where   d == [-1] and d2 == [-1] and is_number(eps)
   rewrite y = layer_norm(x, normalized_shape = [size(x, -1)], eps = eps)
 }
 
@@ -19,33 +19,35 @@ rule rms_norm_chain {
   exact
   match   v = reduce_mean(power(x, exponent = 2), dim = d, keepdim = true)
           y = mul(x, inv_sqrt(add(v, eps)))
-  where   d == [-1] and not is_param(eps)
+  where   d == [-1] and is_number(eps)
   rewrite y = rms_norm(x, normalized_shape = [size(x, -1)], eps = eps)
 }
 
 rule rms_norm_weight {
   doc "weight * rms_norm(x): the per-channel gain becomes the norm's weight"
   exact
-  match   n = rms_norm(x, g?)
+  match   n = rms_norm(x, g?, normalized_shape = ns)
           y = mul(n, w)
-  where   not present(g) and single_use(n) and is_param(w) and rank(w) == 1
+  where   not present(g) and single_use(n) and is_param(w) and rank(w) == 1 and len(ns) == 1 and size(w, 0) == size(x, -1)
   rewrite y = rms_norm(x, w)
 }
 
 rule layer_norm_weight {
   doc "weight * layer_norm(x): the gain becomes the norm's weight"
   exact
-  match   n = layer_norm(x, g?, b?)
+  match   n = layer_norm(x, g?, b?, normalized_shape = ns)
           y = mul(n, w)
   where   not present(g) and not present(b) and single_use(n) and is_param(w) and rank(w) == 1
+          and len(ns) == 1 and size(w, 0) == size(x, -1)
   rewrite y = layer_norm(x, w)
 }
 
 rule layer_norm_bias {
   doc "layer_norm(x) + bias: the shift becomes the norm's bias"
   exact
-  match   n = layer_norm(x, g?, b?)
+  match   n = layer_norm(x, g?, b?, normalized_shape = ns)
           y = add(n, beta)
   where   not present(b) and single_use(n) and is_param(beta) and rank(beta) == 1
+          and len(ns) == 1 and size(beta, 0) == size(x, -1)
   rewrite y = layer_norm(x, g, beta)
 }
