@@ -53,6 +53,10 @@ class RuleReport:
         }
 
 
+class MathError(RefuseSite):
+    """The let/rewrite math raised (shapes that do not broadcast, ...): the site is refused."""
+
+
 class FixpointError(NormcError):
     """A rule whose rewrite produces its own pattern again."""
 
@@ -108,7 +112,11 @@ class _Planner:
                 if slot in operand_names:
                     operands[operand_names.index(slot)] = self.plan_operand(arg, slot, inherit, operand_names.index(slot))
                 else:
-                    attrs[slot] = self.ev.eval(arg)
+                    value = self.ev.eval(arg)
+                    if isinstance(value, NodeRef):
+                        raise RefuseSite(f"attribute `{slot}` of {expr.func} would be the graph value "
+                                         f"`{value.node.name}`, not a constant")
+                    attrs[slot] = value
             if inherit is not None:
                 for k in schema.attrs:
                     if k not in attrs and k in inherit.kwargs:
@@ -141,6 +149,8 @@ class _Planner:
             value = torch.as_tensor(value, dtype=torch.float64)
         if not torch.isfinite(value).all():
             raise RefuseSite(f"the new `{slot}` has non-finite values")
+        if dtype is not None and dtype.is_floating_point and not torch.isfinite(value.to(dtype)).all():
+            raise RefuseSite(f"the new `{slot}` overflows {dtype} (values up to {value.abs().max().item():.3g})")
         return _Value(value, slot, dtype)
 
 
@@ -259,7 +269,12 @@ def apply_rule(gm: fx.GraphModule, rule: T.Rule, args: dict | None = None, scope
     refused: dict[fx.Node, SiteRecord] = {}
     near: dict[fx.Node, SiteRecord] = {}
     created: set[fx.Node] = set()  # results of this rule: not sites to report when they do not match again
+    start_nodes = len(gm.graph.nodes)
     for _ in range(max_sweeps):
+        if len(gm.graph.nodes) > 4 * start_nodes + 1000:
+            raise FixpointError(f"rule `{report.name}` keeps growing the graph ({start_nodes} -> "
+                                f"{len(gm.graph.nodes)} nodes): its rewrite produces its own pattern",
+                                "add a guard that is false on the rewritten form")
         changed = False
         for node in list(gm.graph.nodes):
             if getattr(node, "_erased", False) or node in refused:
@@ -292,6 +307,9 @@ def apply_rule(gm: fx.GraphModule, rule: T.Rule, args: dict | None = None, scope
                     env, plans = plan_site(gm, rule, m, ctx, params)
                 except RefuseSite as e:
                     reason = str(e)
+                except (RuntimeError, ValueError, IndexError, TypeError) as e:
+                    err = MathError(f"the rule's math failed here: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    reason = str(err)
             if reason is not None:
                 rec.reason = reason
                 refused[node] = rec

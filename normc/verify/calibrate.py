@@ -32,7 +32,7 @@ class Statistics:
         self.source = ""
 
     def observe(self, node: fx.Node, value) -> None:
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() == 0:
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() == 0 or value.numel() == 0:
             return
         if node.op in ("get_attr", "output"):
             return

@@ -1,0 +1,10 @@
+# Mutant of std.fold_bn_conv: eps dropped from the folded scale.
+#   wrong: s = gamma / sqrt(var)        right: s = gamma / sqrt(var + eps)
+rule bn_eps_dropped {
+  exact
+  match   c = conv(x, w, b?)
+          y = batch_norm(c, mean?, var?, gamma?, beta?, eps = eps)
+  where   frozen_stats(y) and single_use(c) and not shared(w)
+  let     s = (gamma ?? 1) / sqrt(var)
+  rewrite y = conv(x, w * bcast(s, w, 0), ((b ?? 0) - mean) * s + (beta ?? 0))
+}
