@@ -78,6 +78,8 @@ non-finite on a valid instance is unsound, whatever its kind.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import copy
 import math
@@ -1178,8 +1180,41 @@ def prove_rule(rule, *, instances: int = 16, dtypes=DEFAULT_DTYPES, seed: int = 
         return _prove_rule(rule, instances=instances, dtypes=dtypes, seed=seed, params=params, max_tries=max_tries)
 
 
+_LOCATION_GUARDS = {"glob", "path", "module_type"}
+
+
+def _without_location_guards(rule):
+    """A copy of `rule` whose `where` drops conjuncts about *where* it applies (module paths and
+    types): prove checks the mathematics, and a random instance has no module path."""
+    if getattr(rule, "where", None) is None:
+        return rule
+
+    def conjuncts(e):
+        if isinstance(e, T.Binary) and e.op == "and":
+            return conjuncts(e.left) + conjuncts(e.right)
+        return [e]
+
+    def about_location(e):
+        if isinstance(e, T.Unary) and e.op == "not":
+            return about_location(e.operand)
+        if isinstance(e, T.Call):
+            return e.func in _LOCATION_GUARDS or any(about_location(a) for a in e.args)
+        if isinstance(e, T.Binary):
+            return about_location(e.left) or about_location(e.right)
+        return False
+
+    kept = [c for c in conjuncts(rule.where) if not about_location(c)]
+    if len(kept) == len(conjuncts(rule.where)):
+        return rule
+    where = None
+    for c in kept:
+        where = c if where is None else T.Binary("and", where, c, c.loc)
+    return dataclasses.replace(rule, where=where)
+
+
 def _prove_rule(rule, *, instances, dtypes, seed, params, max_tries) -> ProveResult:
     t0 = time.perf_counter()
+    rule = _without_location_guards(rule)
     name = getattr(rule, "qualname", "") or rule.name
     kind = getattr(rule, "kind", "exact")
     tols = {_dtype_name(d): TOLERANCE.get(_dtype_name(d), 1e-5) for d in dtypes}
