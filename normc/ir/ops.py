@@ -173,6 +173,8 @@ _ACT = {"relu": relu, "gelu": gelu, "silu": silu, "tanh": tanh, "sigmoid": sigmo
 def norm_act(x, weight=None, bias=None, mean=None, var=None, *, norm="layer_norm", activation="gelu", eps=1e-5,
              normalized_shape=None, groups=1, approximate="none"):
     """A norm followed by an activation, as one op (a fused Triton kernel on CUDA where one exists)."""
+    if eps is None:  # RMSNorm's default: the dtype's machine epsilon (as F.rms_norm does)
+        eps = torch.finfo(x.dtype).eps
     if x.is_cuda and norm in ("layer_norm", "rms_norm") and not _tracing():
         from ..kernels import norm_act_triton
         if norm_act_triton.is_available():

@@ -163,6 +163,7 @@ class _Emitter:
         self.gm, self.env, self.before, self.root = gm, env, before, root
         self.created: list[fx.Node] = []
         self.owner: fx.Node | None = None  # the matched node whose module a new parameter belongs to
+        self.owner_op: str = ""
 
     def emit(self, plan):
         if isinstance(plan, _Ref):
@@ -173,14 +174,14 @@ class _Emitter:
             return plan
         if isinstance(plan, _Value):
             owner = module_path(self.owner if self.owner is not None else self.before)
-            slot = _PARAM_NAMES.get(plan.slot, plan.slot)
+            slot = _PARAM_NAMES.get(plan.slot, plan.slot) if self.owner_op in ("linear", "conv") else plan.slot
             target = new_param(self.gm, f"{owner}.{slot}" if owner else slot, plan.value.to(plan.dtype or torch.float32))
             with self.gm.graph.inserting_before(self.before):
                 node = self.gm.graph.get_attr(target)
             node.meta["normc_path"] = owner
             self.created.append(node)
             return node
-        self.owner = plan.inherit
+        self.owner, self.owner_op = plan.inherit, plan.schema.name
         operands = [self.emit(p) for p in plan.operands]
         while operands and operands[-1] is None and len(operands) > plan.schema.min_operands:
             operands.pop()
@@ -254,6 +255,13 @@ def emit_site(gm, match: Match, env: dict, plans, replaced: dict | None = None) 
                 if isinstance(v, NodeRef) and v.node is old:
                     e[k] = NodeRef(new)
     gm.graph.eliminate_dead_code()
+    if replaced is not None:  # keep the values the rest of the graph reads: the site's boundary
+        inside = set(created)
+        by_name = {n.name: n for n in created}
+        for old, new in list(replaced.items()):
+            node = by_name.get(new)
+            if node is None or getattr(node, "_erased", False) or all(u in inside for u in node.users):
+                del replaced[old]
     return created
 
 

@@ -122,6 +122,7 @@ class _Runner:
         self.stats = None
         self.applied: list[T.Apply] = []  # apply steps run so far (replayed for a verify in another dtype)
         self.calib_inputs: list = []
+        self.replay_note: str | None = None
 
     def inputs(self, n: int, dtype: torch.dtype | None = None):
         specs = self.loaded.input_specs
@@ -148,9 +149,10 @@ class _Runner:
             if isinstance(step, T.Apply):
                 snapshot = copy.deepcopy(gm) if not self.options.dry_run else None
                 record = self.apply(gm, step)
-                self.applied.append(step)
+                self.applied.append((step, self.stats))
                 # tolerance in force: the next explicit verify step's, else the dtype default
-                nxt = next((s for s in steps[i:] if isinstance(s, T.Verify)), None)
+                nxt = next((s for s in steps[i:] if isinstance(s, T.Verify)
+                            and DTYPE_NAMES.get(str(s.options.get("dtype", "")), out_dtype) == out_dtype), None)
                 tol = _tolerance(nxt, out_dtype)
                 # after an approximation, an exact step must keep the model as it was before the step
                 step_ref = snapshot if any(s.approximate for s in self.steps) and not record.approximate else reference
@@ -189,7 +191,7 @@ class _Runner:
                     # after an approximate rewrite the exact tolerance cannot hold; its gate decides
                     if not record.verify.passed and not approximated:
                         passed = False
-                        failure = failure or f"verify failed: {record.verify.summary()}"
+                        failure = failure or self.replay_note or f"verify failed: {record.verify.summary()}"
                     gate = self.approx_gate(step, record.verify)
                     if gate is not None and not gate[0]:
                         passed = False
@@ -216,6 +218,13 @@ class _Runner:
             if not final.passed and not approx_steps:
                 passed = False
                 failure = failure or f"verification failed: {final.summary()}"
+        last_gate = max((i for i, s in enumerate(steps) if isinstance(s, T.Verify) and s.approx), default=-1)
+        ungated = [s for i, s in enumerate(steps) if isinstance(s, T.Apply) and i > last_gate
+                   and any(self.program.rules[n].kind == "approximate" for n in self.program.resolve(s.rule))]
+        if ungated and passed and not self.options.dry_run:
+            passed = False
+            failure = failure or (f"`apply {ungated[0].rule}` is approximate and no gate after it bounds its error: "
+                                  "add `verify approx max_rel X` after it")
         last_verify = final or next((s.verify for s in reversed(self.steps) if s.verify is not None), None)
         rules = [r for s in self.steps for r in s.rules]
         report = {
@@ -366,18 +375,31 @@ class _Runner:
             input_specs=[dataclasses.replace(s, dtype=dtype) if s.dtype.is_floating_point else s
                          for s in self.loaded.input_specs])
         gm, _ = prepare_graph(loaded)
-        for step in self.applied:
-            self.apply(gm, step, loaded=loaded, stats=None)
-        return verify_models(loaded.module, gm, cast_inputs(inputs, dtype), tol)
+        applied_here = applied_there = 0
+        for step, stats in self.applied:  # node names of a fresh trace match: the statistics still apply
+            replayed = self.apply(gm, step, loaded=loaded, stats=stats)
+            applied_here += sum(r.applied for r in replayed.rules)
+        applied_there = sum(r.applied for s in self.steps for r in s.rules)
+        result = verify_models(loaded.module, gm, cast_inputs(inputs, dtype), tol)
+        if applied_here != applied_there:  # a replay that rewrote less would prove nothing
+            result.passed = False
+            self.replay_note = (f"the {dtype} replay rewrote {applied_here} site(s), the run {applied_there}: "
+                                "the comparison does not cover the same rewrite")
+        return result
 
     def approx_gate(self, step: T.Verify, now: VerifyResult):
         approx_steps = [s for s in self.steps if s.approximate and s.verify is not None]
         if not step.approx or not approx_steps:
             return None
-        worst = now.max_rel_err  # the model as it is now against the original: every approximation so far
-        gate = step.approx.get("max_rel", step.approx.get("rel"))
-        if gate is not None and worst > float(gate):
-            return False, f"approximate rewrite error {worst:.3g} (relative) exceeds the gate approx max_rel {gate}"
+        # the model as it is now against the original: every approximation so far
+        rel = step.approx.get("max_rel", step.approx.get("rel"))
+        if rel is not None and now.max_rel_err > float(rel):
+            return False, f"approximate rewrite error {now.max_rel_err:.3g} (relative) exceeds the gate approx max_rel {rel}"
+        if "max_abs" in step.approx and now.max_abs_err > float(step.approx["max_abs"]):
+            return False, (f"approximate rewrite error {now.max_abs_err:.3g} (absolute) exceeds the gate "
+                           f"approx max_abs {step.approx['max_abs']}")
+        if "cosine" in step.approx and now.min_cosine < float(step.approx["cosine"]):
+            return False, f"cosine {now.min_cosine:.6f} is below the gate approx cosine {step.approx['cosine']}"
         return True, ""
 
     def calibrate(self, gm, step: T.Calibrate):
@@ -415,6 +437,8 @@ class _Runner:
                 torch_backend.save_pt2(gm, loaded.example_args, loaded.example_kwargs, path)
             elif fmt == "safetensors":
                 torch_backend.save_state_dict(gm, path)
+            elif fmt == "onnx" and opts.get("quantize") is not None:
+                self.write_int8(gm, path, opts, result)
             elif fmt == "onnx":
                 opset = self.onnx_opset(gm, opts)
                 onnx_backend.export_onnx(gm, loaded.example_args, loaded.example_kwargs, path, opset=opset)
@@ -434,12 +458,38 @@ class _Runner:
             result.outputs.append(str(path))
             result.report["outputs"].append({"format": fmt, "path": str(path)})
 
+    def write_int8(self, gm, path: Path, opts: dict, result: CompileResult):
+        """ONNX, then static INT8 (QDQ, per-channel weights) calibrated on the pipeline's calibration
+        inputs; its error against torch is measured and reported (quantization is not exact)."""
+        import tempfile
+
+        from ..backends import onnx_backend
+        from ..backends.quantize import quantize_int8
+        if str(opts["quantize"]) != "int8":
+            raise NormcError(f"`quantize {opts['quantize']}` is not supported", "use `export onnx quantize int8 to \"m.onnx\"`")
+        calib = self.calib_inputs or self.inputs(32)
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = Path(tmp) / "fp32.onnx"
+            onnx_backend.export_onnx(gm, self.loaded.example_args, self.loaded.example_kwargs, fp32,
+                                     opset=self.onnx_opset(gm, opts))
+            done = quantize_int8(fp32, path, calib)
+        check = onnx_backend.check_onnx(path, gm, self.verify_set, Tolerance(max_rel=1.0))
+        result.report.setdefault("int8", []).append({
+            "path": str(path), "calibration_samples": len(calib), "quantize": _plain_dict(done),
+            "max_rel_err": check.max_rel_err, "min_cosine": check.min_cosine})
+
     @staticmethod
     def _output_dtype(module) -> torch.dtype:
         for p in module.parameters():
             if p.is_floating_point():
                 return p.dtype
         return torch.float32
+
+
+def _plain_dict(obj) -> dict:
+    if dataclasses.is_dataclass(obj):
+        return {k: v for k, v in dataclasses.asdict(obj).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    return {}
 
 
 def _format_of(path: Path) -> str:

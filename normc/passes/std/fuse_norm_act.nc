@@ -13,7 +13,7 @@ rule fuse_layer_norm_gelu {
 rule fuse_rms_norm_silu {
   doc "RMSNorm + SiLU as one norm_act op"
   exact
-  match   n = rms_norm(x, g?, normalized_shape = ns, eps = e)
+  match   n = rms_norm(x, g?, normalized_shape = ns, eps = e?)       # e is none: the dtype's own eps
           y = silu(n)
   where   single_use(n)
   rewrite y = norm_act(x, g, norm = "rms_norm", activation = "silu", eps = e, normalized_shape = ns)
