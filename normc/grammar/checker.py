@@ -16,7 +16,7 @@ from .loader import Program
 PARAM_TYPES = {"float", "int", "bool", "string", "str"}
 VERIFY_OPTIONS = {"max_abs", "rel", "max_rel", "samples", "dtype", "seed", "cosine"}
 APPROX_OPTIONS = {"max_abs", "max_rel", "rel", "cosine"}
-EXPORT_FORMATS = {"torch": {"opset"}, "onnx": {"opset", "check", "dynamic"}, "tensorrt": {"opset", "fp16", "workspace_gb"},
+EXPORT_FORMATS = {"torch": {"opset"}, "onnx": {"opset", "check", "dynamic", "quantize"}, "tensorrt": {"opset", "fp16", "workspace_gb"},
                   "safetensors": set()}
 INPUT_DTYPES = {"f32", "f64", "f16", "bf16", "i64", "i32", "bool"}
 KINDS = {"exact", "approximate", "structural"}

@@ -81,6 +81,9 @@ def resolve_source(source: str, base: Path | None) -> str | Path | None:
     """`random`, `builtin:NAME` (normc/data/NAME.txt), or a path relative to the .nc file (then the cwd)."""
     if source in ("random", ""):
         return None
+    if source == "builtin:sentences":  # the calibration split only: the evaluation sentences stay held apart
+        from ..data import calibration_sentences
+        return calibration_sentences()
     if source.startswith("builtin:"):
         path = BUILTIN_DATA / f"{source[len('builtin:'):]}.txt"
         if not path.is_file():
