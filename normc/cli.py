@@ -116,6 +116,8 @@ def _summary(result, verb: str):
         status = "[green]passed[/green]" if v["passed"] else "[red]FAILED[/red]"
         console.print(f"verify: {status}  max_abs {v['max_abs_err']:.3g}  max_rel {v['max_rel_err']:.3g}  "
                       f"min cosine {v['min_cosine']:.9f}  ({v['n_inputs']} inputs)")
+    for w in r.get("warnings", []):
+        console.print(f"[yellow]warning: {w}[/yellow]")
     if not v["passed"]:
         console.print(f"[red]{v.get('failure')}[/red]\nnothing was written")
     for out in result.outputs:

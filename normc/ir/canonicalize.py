@@ -235,7 +235,15 @@ _FUNCTIONS = {
 if hasattr(F, "rms_norm"):
     _FUNCTIONS[F.rms_norm] = _f_rms_norm
 
-_METHODS = {"pow": _pow, "rsqrt": _unary("inv_sqrt"), "mean": _mean, "add": _binary("add"), "sub": _binary("sub"), "mul": _binary("mul"), "div": _binary("div"),
+def _method_to(a, k):
+    dtype = k.get("dtype", a[1] if len(a) > 1 else None)
+    if not isinstance(dtype, torch.dtype) or (set(k) - {"dtype"}) or len(a) > 2:
+        return None
+    return "cast", [a[0]], {"dtype": dtype}
+
+
+_METHODS = {"to": _method_to, "float": lambda a, k: ("cast", [a[0]], {"dtype": torch.float32}) if len(a) == 1 and not k else None,
+            "pow": _pow, "rsqrt": _unary("inv_sqrt"), "mean": _mean, "add": _binary("add"), "sub": _binary("sub"), "mul": _binary("mul"), "div": _binary("div"),
             "matmul": _binary("matmul"), "relu": _unary("relu"), "sigmoid": _unary("sigmoid"),
             "tanh": _unary("tanh"), "softmax": _softmax}
 
@@ -393,6 +401,22 @@ def canonicalize(gm: fx.GraphModule, recognize: bool = True) -> fx.GraphModule:
     if recognize:
         run_recognizers(gm)
     return gm
+
+
+def drop_noop_casts(gm: fx.GraphModule) -> int:
+    """Casts to the dtype a value already has (HF's `.to(torch.float32)` in an fp32 model). Needs shapes/dtypes."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is ops.cast:
+            src = node.args[0]
+            if isinstance(src, fx.Node) and src.meta.get("normc_dtype") is not None \
+                    and src.meta.get("normc_dtype") == node.kwargs.get("dtype"):
+                node.replace_all_uses_with(src)
+                gm.graph.erase_node(node)
+                n += 1
+    if n:
+        gm.recompile()
+    return n
 
 
 def run_recognizers(gm: fx.GraphModule) -> int:

@@ -160,6 +160,8 @@ class Pattern:
         envs = []
         first_miss = None
         for user in list(src.node.users):
+            if _reads_shape_only(user):  # `B, T, C = x.size()`: unaffected by a value-preserving rewrite of x
+                continue
             sub = Match(m.root, dict(m.env))
             try:
                 self._match_call(gm, each.body.call, user, sub, 1)
@@ -178,6 +180,16 @@ class Pattern:
             raise _Fail(f"no user of `{each.source}` matches" + (f": {first_miss}" if first_miss else ""),
                         ROOT_MATCHED if first_miss else 1)
         m.each[each.var] = envs
+
+
+def _reads_shape_only(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in ("size", "dim"):
+        return True
+    if node.op == "call_function" and getattr(node.target, "__name__", "") == "getattr" and len(node.args) > 1:
+        return node.args[1] in ("shape", "ndim", "dtype", "device")
+    if node.op == "call_function" and str(node.target).startswith("aten.sym_size"):
+        return True
+    return False
 
 
 def _vars_in(pc: T.PCall) -> set[str]:

@@ -17,6 +17,7 @@ from ..grammar import syntax_tree as T
 from .builtins import EvalContext, NodeRef, RefuseSite
 from .evaluate import Evaluator
 from .graph import drop_unused_params, get_param, module_path, module_type, new_param, site_name
+from .graph import op_name as op_name_of
 from .match import Match, NearMiss, Pattern
 from .ops import OPS, schema_for
 
@@ -90,10 +91,16 @@ class _Value:
 
 
 class _Planner:
-    def __init__(self, gm, match: Match, ev: Evaluator, default_dtype):
+    def __init__(self, gm, match: Match, ev: Evaluator, default_dtype, local: dict | None = None):
         self.gm, self.match, self.ev, self.default_dtype = gm, match, ev, default_dtype
+        self.local = local or {}
 
     def inherit_node(self, op_schema_name: str):
+        if self.local:  # an `each u:` rewrite: the user it rewrites is the op to inherit from
+            own = [v.node for v in self.local.values() if isinstance(v, NodeRef) and v.node.op == "call_function"
+                   and schema_for(op_schema_name) and op_name_of(v.node) == op_schema_name]
+            if len(set(own)) == 1:
+                return own[0]
         nodes = [n for pc, n in self.match.op_nodes if (schema_for(pc.op) or (None,))[0] is not None
                  and schema_for(pc.op)[0].name == op_schema_name]
         uniq = list(dict.fromkeys(nodes))
@@ -220,7 +227,7 @@ def plan_site(gm, rule: T.Rule, match: Match, ctx: EvalContext, params: dict):
             sub_env = dict(env)
             sub_env.update(local)
             sub_ev = Evaluator(ctx, sub_env, match.each)
-            sub = _Planner(gm, match, sub_ev, planner.default_dtype)
+            sub = _Planner(gm, match, sub_ev, planner.default_dtype, local)
             plans.append((rw.target, local, sub.plan(rw.expr)))
     return env, plans
 

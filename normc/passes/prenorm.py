@@ -166,6 +166,19 @@ def _plan_writer(gm, node: fx.Node, into: fx.Node, hidden: int, actions: list, s
         for t in tensors:
             _plan_writer(gm, t, into, hidden, actions, seen, node)
         return
+    if op in ("getitem", "slice"):
+        # token/row selection commutes with centring over the hidden dim, if it leaves that dim whole
+        index = node.kwargs.get("index") if op == "getitem" else None
+        dim = node.args[1] if op == "slice" and len(node.args) > 1 else None
+        rank = len(node.args[0].meta.get("normc_shape", ())) if isinstance(node.args[0], fx.Node) else 0
+        keeps = (op == "slice" and dim not in (-1, rank - 1)) or (op == "getitem" and _index_keeps_last(index, rank))
+        if keeps:
+            _plan_writer(gm, node.args[0], into, hidden, actions, seen, node)
+            return
+    if op == "add" and all(isinstance(a, fx.Node) for a in node.args[:2]):
+        for a in node.args[:2]:  # a sum of affine writers (embedding + position) is one writer
+            _plan_writer(gm, a, into, hidden, actions, seen, node)
+        return
     if op == "mul":
         a, b = node.args[:2]
         if isinstance(b, (int, float)) and isinstance(a, fx.Node):
@@ -175,6 +188,15 @@ def _plan_writer(gm, node: fx.Node, into: fx.Node, hidden: int, actions: list, s
             _plan_writer(gm, b, into, hidden, actions, seen, node)
             return
     raise Refuse(f"residual writer `{where}` is {op}, not affine (linear, embedding, conv, parameter)")
+
+
+def _index_keeps_last(index, rank: int) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    if any(i is Ellipsis for i in items):
+        cut = [j for j, i in enumerate(items) if i is Ellipsis][0]
+        return items[cut + 1:] in ((), (slice(None),))
+    dims = [i for i in items if i is not None]
+    return len(dims) < rank or dims[rank - 1] == slice(None)
 
 
 def _analyse(gm, readers):
