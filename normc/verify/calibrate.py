@@ -14,6 +14,7 @@ import torch.fx as fx
 from ..errors import NormcError
 from ..ir.builtins import RefuseSite
 from ..ir.graph import run_recording, site_name
+from ..report.progress import track
 
 BUILTIN_DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -103,7 +104,7 @@ def calibration_inputs(loaded, source: str, samples: int | None, base: Path | No
 
 def collect(gm: fx.GraphModule, inputs) -> Statistics:
     stats = Statistics()
-    for args, kwargs in inputs:
+    for args, kwargs in track(inputs, "calibrating", len(inputs)):
         run_recording(gm, args, kwargs, stats.observe)
         stats.samples += 1
     return stats

@@ -23,6 +23,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from normc.errors import NormcError, VerificationFailed
+from normc.report.progress import track
 
 _TINY = 1e-30
 
@@ -363,7 +364,7 @@ def verify_models(
     if not inputs:
         raise NormcError("no inputs to verify with", hint="declare an `input` shape or pass calibration data")
     per_input: list[list[OutputDiff]] = []
-    for i, (args, kwargs) in enumerate(inputs):
+    for i, (args, kwargs) in enumerate(track(inputs, "verifying", len(inputs))):
         try:
             ref_out = run_model(reference, args, kwargs)
         except Exception as exc:
