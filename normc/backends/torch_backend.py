@@ -1,12 +1,15 @@
 """Torch outputs: an exported program (.pt2) and a state dict (.safetensors or torch.save)."""
 from __future__ import annotations
 
+import copy
+
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from normc.atomic import atomic_path
@@ -58,10 +61,39 @@ def export_program(module: nn.Module, example_args: tuple, example_kwargs: dict 
         ) from exc
 
 
+def _plain_spec(spec):
+    """The same tree with dict subclasses (Hugging Face ModelOutput) as plain dicts: the archive then
+    loads with torch alone, without the library that defined the output class."""
+    if spec.is_leaf():
+        return spec
+    children = [_plain_spec(c) for c in spec.children_specs]
+    kind, context = spec.type, spec.context
+    if isinstance(kind, type) and issubclass(kind, dict) and kind is not dict and isinstance(context, (list, tuple)):
+        kind, context = dict, list(context)
+    return pytree.TreeSpec(kind, context, children)
+
+
+def plain_outputs(module: nn.Module) -> nn.Module:
+    """A copy of a graph module (from torch.export) whose outputs are plain containers; other modules as they are."""
+    codegen = getattr(getattr(module, "graph", None), "_codegen", None)
+    info = getattr(codegen, "pytree_info", None)
+    if info is None or info.out_spec is None:
+        return module
+    plain = _plain_spec(info.out_spec)
+    if plain == info.out_spec:
+        return module
+    module = copy.deepcopy(module)
+    module.graph._codegen.pytree_info = info._replace(out_spec=plain)
+    module.recompile()
+    return module
+
+
 def save_pt2(module: nn.Module, example_args: tuple, example_kwargs: dict | None, path: str | os.PathLike) -> Path:
-    """Export ``module`` with ``torch.export`` and save the program to ``path`` atomically."""
+    """Export ``module`` with ``torch.export`` and save the program to ``path`` atomically.
+
+    Hugging Face output classes become plain dicts (same keys), so loading needs torch only."""
     path = Path(path)
-    ep = export_program(module, example_args, example_kwargs)
+    ep = export_program(plain_outputs(module), example_args, example_kwargs)
     with atomic_path(path) as tmp:
         # a file object: torch.export.save warns on names that do not end in .pt2
         with open(tmp, "wb") as f:

@@ -329,6 +329,18 @@ def _no_code_unpickling():
             package.pickle = real_pickle
 
 
+def _import_transformers_outputs() -> bool:
+    """Register transformers' ModelOutput classes with torch's pytree (once); False if not installed."""
+    import sys
+    if "transformers.modeling_outputs" in sys.modules:
+        return False  # already registered: the failure is something else
+    try:
+        import transformers.modeling_outputs  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _load_pt2(path: str, allow_pickle: bool = False) -> LoadedModel:
     _require_file(path)
     try:
@@ -342,6 +354,14 @@ def _load_pt2(path: str, allow_pickle: bool = False) -> LoadedModel:
             f"`{path}` contains pickled Python objects; unpickling them runs code from the file",
             hint="pass --allow-pickle only if you trust its author, or re-export it with "
             "plain tensor inputs and constants") from e
+    except NotImplementedError as e:
+        # a Hugging Face model's archive names its output class (e.g. CausalLMOutputWithCrossAttentions)
+        # in its pytree spec: torch can only rebuild it once transformers has registered those classes
+        if "transformers" not in str(e) or not _import_transformers_outputs():
+            raise NormcError(f"`{path}` is not a readable torch.export program: {_one_line(e)}",
+                             hint="its outputs use a class torch cannot rebuild here; install the package "
+                                  "that defines it") from e
+        return _load_pt2(path, allow_pickle)
     except Exception as e:  # noqa: BLE001
         raise NormcError(f"`{path}` is not a readable torch.export program: {_one_line(e)}",
                          hint="re-save it with `torch.export.save(torch.export.export(model, args), path)`") from e

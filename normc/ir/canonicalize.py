@@ -237,7 +237,12 @@ if hasattr(F, "rms_norm"):
 
 def _method_to(a, k):
     dtype = k.get("dtype", a[1] if len(a) > 1 else None)
-    if not isinstance(dtype, torch.dtype) or (set(k) - {"dtype"}) or len(a) > 2:
+    if (set(k) - {"dtype"}) or len(a) > 2:
+        return None
+    if isinstance(dtype, fx.Node) and dtype.op == "call_function" and getattr(dtype.target, "__name__", "") == "getattr" \
+            and len(dtype.args) > 1 and dtype.args[1] == "dtype":
+        return "cast", [a[0]], {"dtype": dtype}  # `.to(other.dtype)`: resolved once dtypes are known
+    if not isinstance(dtype, torch.dtype):
         return None
     return "cast", [a[0]], {"dtype": dtype}
 
@@ -408,9 +413,11 @@ def drop_noop_casts(gm: fx.GraphModule) -> int:
     n = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is ops.cast:
-            src = node.args[0]
+            src, dtype = node.args[0], node.kwargs.get("dtype")
+            if isinstance(dtype, fx.Node):  # `.to(v.dtype)`: the dtype v had when traced
+                dtype = dtype.args[0].meta.get("normc_dtype") if isinstance(dtype.args[0], fx.Node) else None
             if isinstance(src, fx.Node) and src.meta.get("normc_dtype") is not None \
-                    and src.meta.get("normc_dtype") == node.kwargs.get("dtype"):
+                    and src.meta.get("normc_dtype") == dtype:
                 node.replace_all_uses_with(src)
                 gm.graph.erase_node(node)
                 n += 1

@@ -114,9 +114,31 @@ def _check_users(stream: _Stream, reader_set: set) -> None:
                 raise Refuse(f"the residual stream value `{site_name(v)}` is a model output without a norm "
                              "(it would change): convert only models whose outputs are normed")
             if op_name(u) == "layer_norm":
-                raise Refuse(f"LayerNorm `{site_name(u)}` reads the stream but is out of scope")
+                raise Refuse(f"LayerNorm `{site_name(u)}` reads the stream but is out of scope: "
+                             "convert the whole stream (drop `on`) or widen the scope")
+            if _is_add(u) or _carries_stream(u):
+                beyond = _readers_downstream(u)
+                named = ", ".join(f"`{site_name(n)}`" for n in beyond[:3]) or f"`{site_name(u)}`"
+                raise Refuse(f"the residual stream goes on past the LayerNorms in scope to {named}, out of scope: "
+                             "convert the whole stream (drop `on`) or widen the scope")
             raise Refuse(f"the residual stream value `{site_name(v)}` is also read by {op_name(u)} "
                          f"`{site_name(u)}`, which is not a LayerNorm")
+
+
+def _readers_downstream(start: fx.Node) -> list:
+    """LayerNorms the stream reaches from `start`, following adds and stream-carrying ops."""
+    found, todo, seen = [], [start], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if op_name(u) == "layer_norm":
+                found.append(u)
+            elif _is_add(u) or _carries_stream(u):
+                todo.append(u)
+    return found
 
 
 def _plan_writer(gm, node: fx.Node, into: fx.Node, hidden: int, actions: list, seen: set, via: fx.Node = None) -> None:
