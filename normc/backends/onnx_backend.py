@@ -171,14 +171,11 @@ def _named_leaves(prefix: str, value: Any) -> list[tuple[str, Any]]:
     return [(f"{prefix}_{i}", x) for i, x in enumerate(leaves)]
 
 
-def run_onnx(session: Any, args: tuple, kwargs: dict | None = None) -> list[np.ndarray]:
-    """Run ``session`` on torch inputs; returns the graph outputs in order.
-
-    Keyword tensors go to the graph input of the same name; the remaining graph inputs
-    take the positional tensors (nested ones flattened) in order. ``None`` and Python
-    scalars are skipped: the exporter drops the former and bakes the latter in.
-    """
-    graph_inputs = [i.name for i in session.get_inputs()]
+def onnx_feed(graph_inputs: Sequence[str], args: tuple, kwargs: dict | None = None,
+              hint: str = "call with the same arguments the model was exported with") -> dict[str, np.ndarray]:
+    """The ``{graph input name: array}`` feed for one call: keyword tensors go to the graph input of
+    the same name, the remaining graph inputs take the positional tensors (flattened) in order."""
+    graph_inputs = list(graph_inputs)
     feed: dict[str, np.ndarray] = {}
     leftovers: list[Any] = []
     for key, value in (kwargs or {}).items():
@@ -192,11 +189,20 @@ def run_onnx(session: Any, args: tuple, kwargs: dict | None = None) -> list[np.n
     if len(positional) != len(free):
         raise NormcError(
             f"the ONNX graph takes {len(graph_inputs)} input(s) ({', '.join(graph_inputs)}) "
-            f"but {len(positional) + len(feed)} tensor(s) were given",
-            hint="call with the same arguments the model was exported with",
-        )
+            f"but {len(positional) + len(feed)} tensor(s) were given", hint=hint)
     for name, t in zip(free, positional):
         feed[name] = _to_numpy(t)
+    return feed
+
+
+def run_onnx(session: Any, args: tuple, kwargs: dict | None = None) -> list[np.ndarray]:
+    """Run ``session`` on torch inputs; returns the graph outputs in order.
+
+    Keyword tensors go to the graph input of the same name; the remaining graph inputs
+    take the positional tensors (nested ones flattened) in order. ``None`` and Python
+    scalars are skipped: the exporter drops the former and bakes the latter in.
+    """
+    feed = onnx_feed([i.name for i in session.get_inputs()], args, kwargs)
     try:
         return list(session.run(None, feed))
     except Exception as exc:

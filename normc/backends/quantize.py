@@ -52,28 +52,8 @@ _ACT_TYPES = {"uint8": "QUInt8", "int8": "QInt8"}
 
 def onnx_feed(graph_inputs: Sequence[str], args: tuple, kwargs: dict | None = None) -> dict[str, np.ndarray]:
     """The ``{graph input name: array}`` feed for one ``(args, kwargs)`` (``run_onnx``'s mapping)."""
-    graph_inputs = list(graph_inputs)
-    feed: dict[str, np.ndarray] = {}
-    leftovers: list[Any] = []
-    for key, value in (kwargs or {}).items():
-        for name, t in _named_leaves(key, value):
-            if name in graph_inputs:
-                feed[name] = _to_numpy(t)
-            else:
-                leftovers.append(t)
-    import torch
-
-    positional = [x for x in pytree.tree_leaves(tuple(args)) if isinstance(x, torch.Tensor)] + leftovers
-    free = [n for n in graph_inputs if n not in feed]
-    if len(positional) != len(free):
-        raise NormcError(
-            f"the ONNX graph takes {len(graph_inputs)} input(s) ({', '.join(graph_inputs)}) "
-            f"but {len(positional) + len(feed)} tensor(s) were given",
-            hint="calibrate with the same arguments the model was exported with",
-        )
-    for name, t in zip(free, positional):
-        feed[name] = _to_numpy(t)
-    return feed
+    from .onnx_backend import onnx_feed as feed
+    return feed(graph_inputs, args, kwargs, hint="calibrate with the same arguments the model was exported with")
 
 
 def _reader_class():

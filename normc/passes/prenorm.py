@@ -298,6 +298,15 @@ def _to_rms(gm, ln: fx.Node) -> None:
     graph.erase_node(ln)
 
 
+def _record(report: RuleReport, stream: _Stream, site: str, reason: str | None) -> bool:
+    """One site per stream (all of it converts or none does); True when it will be converted."""
+    first = stream.readers[0]
+    rec = SiteRecord(site, f"stream:{first.name}", module_path(first), reason=reason)
+    (report.skipped if reason is not None else report.sites).append(rec)
+    report.applied += reason is None
+    return reason is None
+
+
 def _readers(gm, scope):
     import fnmatch
     return [n for n in gm.graph.nodes if op_name(n) == "layer_norm"
@@ -320,17 +329,8 @@ def to_rmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_run
     if not readers:
         return _already_rms(gm, report)
     for stream, reason in _plans(gm, readers):
-        first = stream.readers[0]
-        rec = SiteRecord(f"residual stream d={stream.hidden}: {len(stream.readers)} LayerNorms, "
-                         f"{len(stream.actions)} writers (last: {site_name(stream.readers[-1])})",
-                         f"stream:{first.name}", module_path(first))
-        if reason is not None:
-            rec.reason = reason
-            report.skipped.append(rec)
-            continue
-        report.sites.append(rec)
-        report.applied += 1
-        if dry_run:
+        what = f"{len(stream.readers)} LayerNorms, {len(stream.actions)} writers (last: {site_name(stream.readers[-1])})"
+        if not _record(report, stream, f"residual stream d={stream.hidden}: {what}", reason) or dry_run:
             continue
         for action in stream.actions:
             _recentre(gm, action, untie, report.notes)
@@ -393,15 +393,9 @@ def to_crmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_ru
                 resize = _resize_plan(gm, stream)
             except Refuse as e:
                 reason = str(e)
-        rec = SiteRecord(f"residual stream d={stream.hidden} -> {stream.hidden - 1}: {len(stream.readers)} LayerNorms, "
-                         f"{len(stream.actions)} writers", f"stream:{stream.readers[0].name}", module_path(stream.readers[0]))
-        if reason is not None:
-            rec.reason = reason
-            report.skipped.append(rec)
-            continue
-        report.sites.append(rec)
-        report.applied += 1
-        if dry_run:
+        what = f"{len(stream.readers)} LayerNorms, {len(stream.actions)} writers"
+        if not _record(report, stream, f"residual stream d={stream.hidden} -> {stream.hidden - 1}: {what}", reason) \
+                or dry_run:
             continue
         for action in stream.actions:
             _recentre(gm, action, True, report.notes, compress=True)
