@@ -50,13 +50,26 @@ class Pattern:
         schema = schema_for(self.root.call.op)
         self.root_op = schema[0].name if schema else self.root.call.op
         counts = {}
-        for pc in _calls(self.root.call, self.stmts):
+        calls = list(_calls(self.root.call, self.stmts))
+        for pc in calls:
             counts[pc.op] = counts.get(pc.op, 0) + 1
         self.unique_ops = {op for op, c in counts.items() if c == 1}
+        # how many commutative ops the pattern has: each may match its operands either way round
+        self.n_commutative = sum(1 for pc in calls if (schema_for(pc.op) or (None,))[0] is not None
+                                 and schema_for(pc.op)[0].name in COMMUTATIVE and len(pc.args) >= 2)
 
-    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | NearMiss | None:
+    def orientations(self):
+        """Every fixed choice of operand order for the commutative ops (for a guard that fails on one)."""
+        import itertools
+        k = min(self.n_commutative, 4)
+        return list(itertools.product((0, 1), repeat=k)) if k else []
+
+    def match(self, gm: fx.GraphModule, node: fx.Node, orient: tuple | None = None) -> Match | NearMiss | None:
+        """Match at `node`. `orient`: a fixed operand order per commutative op (1 = swapped);
+        None tries the written order first and the other when the structure does not fit."""
         if op_name(node) != self.root_op:
             return None
+        self._orient = list(orient) if orient is not None else None
         m = Match(node, {})
         try:
             self._match_stmt(gm, self.root, node, m, 0)
@@ -75,6 +88,8 @@ class Pattern:
             return
         self._match_call(gm, stmt.call, node, m, depth)
         m.env[stmt.target] = NodeRef(node)
+
+    _orient: list | None = None
 
     def _match_call(self, gm, pc: T.PCall, node, m, depth):
         schema_rank = schema_for(pc.op)
@@ -95,6 +110,11 @@ class Pattern:
                 raise _Fail(f"`{where}` is a conv{w_rank - 2}d, not {pc.op}", depth)
         values = list(node.args) + [None] * (len(schema.operands) - len(node.args))
         attrs = {k: node.kwargs.get(k, d) for k, d in schema.attrs.items()}
+        if schema.name in COMMUTATIVE and len(pc.args) >= 2 and self._orient is not None:
+            swap = self._orient.pop(0) if self._orient else 0
+            if swap:
+                values = [values[1], values[0]] + values[2:]
+            return self._match_operands(gm, pc, schema, values, attrs, node, m, depth)
         if schema.name in COMMUTATIVE and len(pc.args) >= 2:
             saved_env, saved_ops = dict(m.env), list(m.op_nodes)
             try:

@@ -310,12 +310,13 @@ def apply_rule(gm: fx.GraphModule, rule: T.Rule, args: dict | None = None, scope
             if node.name in exclude:
                 reason = "rolled back: this site failed verification"
             elif rule.where is not None:
-                env = dict(params)
-                env.update(m.env)
-                try:
-                    reason = Evaluator(ctx, env).check(rule.where, source)
-                except RefuseSite as e:
-                    reason = str(e)
+                reason = _guard(ctx, params, m, rule, source)
+                # a commutative op matched the written way round may satisfy the guard the other way
+                for orient in (pattern.orientations() if reason is not None else []):
+                    other = pattern.match(gm, node, orient)
+                    if isinstance(other, Match) and _guard(ctx, params, other, rule, source) is None:
+                        m, reason = other, None
+                        break
             plans = None
             if reason is None:
                 try:
@@ -351,6 +352,15 @@ def apply_rule(gm: fx.GraphModule, rule: T.Rule, args: dict | None = None, scope
     if not dry_run:
         finish(gm)
     return report
+
+
+def _guard(ctx, params, m: Match, rule: T.Rule, source) -> str | None:
+    env = dict(params)
+    env.update(m.env)
+    try:
+        return Evaluator(ctx, env).check(rule.where, source)
+    except RefuseSite as e:
+        return str(e)
 
 
 def finish(gm: fx.GraphModule) -> None:

@@ -224,9 +224,6 @@ def test_model_inputs_and_parameters_are_not_ops(canonical, rules):
     assert isinstance(miss, NearMiss) and "not conv" in miss.reason and "x" in miss.reason
 
 
-@pytest.mark.xfail(reason="BUG: commutative matching commits to the first operand order that matches structurally; "
-                          "when the `where` guard then fails (is_param(b) on `param + x`), the swapped order is never "
-                          "tried, so `add(x, b) where is_param(b)` matches `x + p` but not `p + x`", strict=True)
 def test_commutative_match_with_a_guard_on_the_operand_order(canonical, rules):
     from normc.ir.rewrite import apply_rule
 
