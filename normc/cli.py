@@ -143,6 +143,24 @@ def apply(rules, model, output, opset, **opts):
 
 
 @main.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="output file: .pt2, .onnx, .safetensors or .engine")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: 23 if the model has RMSNorm, else 18)")
+@_common
+def export(model, output, opset, **opts):
+    """Export MODEL unchanged (traced, canonicalized, verified against the original) to OUTPUT."""
+    import tempfile
+    opts["opset"] = opset
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "export.nc"
+        empty.write_text("# no rules: export only\n")
+        result = _run(str(empty), model, output, opts, write=True)
+    _summary(result, "export")
+    sys.exit(0 if result.passed else EXIT_VERIFY_FAILED)
+
+
+@main.command()
 @click.argument("rules", type=click.Path(dir_okay=False))
 @click.argument("model")
 @_common

@@ -339,3 +339,17 @@ def test_apply_with_a_wrong_rule_exits_1_and_writes_no_output(tmp_path):
     assert result.exit_code == 1, result.output
     assert not out.exists() and not exported.exists()
     assert not [p for p in tmp_path.iterdir() if p.name not in ("wrong.nc",)]
+
+
+def test_export_without_rules_writes_a_verified_onnx(tmp_path):
+    from click.testing import CliRunner
+
+    from normc.backends.onnx_backend import onnx_op_counts
+    from normc.cli import main
+    out = tmp_path / "cnn.onnx"
+    result = CliRunner().invoke(main, ["export", "zoo:cnn", "-o", str(out), "--report", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and onnx_op_counts(out).get("Conv", 0) >= 4
+    import json
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["rules"] == [] and report["onnx_check"][0]["passed"]
