@@ -106,7 +106,8 @@ def _summary(result, verb: str):
         skipped = rule["skipped"]
         table.add_row(rule["name"], str(rule["applied"]), str(len(skipped)),
                       f"{skipped[0]['site']}: {skipped[0]['reason']}" if skipped else "")
-    console.print(table)
+    if r["rules"]:
+        console.print(table)
     before, after = r["graph"]["before"]["op_counts"], r["graph"]["after"]["op_counts"]
     changed = {k: (before.get(k, 0), after.get(k, 0)) for k in sorted(set(before) | set(after)) if before.get(k, 0) != after.get(k, 0)}
     if changed:
