@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from torch.utils import _pytree as pytree
+
 
 from normc.atomic import atomic_path
-from normc.backends.onnx_backend import _iter_nodes, _named_leaves, _to_numpy, onnx_op_counts
+from normc.backends.onnx_backend import _iter_nodes, onnx_op_counts
 from normc.backends.torch_backend import one_line
 from normc.errors import BackendMissing, NormcError
 

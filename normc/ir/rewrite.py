@@ -7,7 +7,7 @@ the reason. Rules run to a fixpoint.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -19,7 +19,7 @@ from .evaluate import Evaluator
 from .graph import drop_unused_params, get_param, module_path, module_type, new_param, site_name
 from .graph import op_name as op_name_of
 from .match import Match, NearMiss, Pattern
-from .ops import OPS, schema_for
+from .ops import schema_for
 
 
 @dataclass

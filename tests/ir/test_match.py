@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from normc.ir.builtins import NodeRef
 from normc.ir.graph import op_name
