@@ -11,20 +11,14 @@ from normc import api
 from normc.errors import NormcError
 from normc.grammar.diagnostics import NcError
 from normc.testing import assert_equivalent, assert_rewrite_verifies, format_outputs, normalize_inputs
+from tests.fixtures.wrong_rules import fold_without_beta
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 FOLD = "pipeline {\n  apply std.fold_bn_conv\n  verify rel 1e-5\n}\n"
 
 # BatchNorm folding that forgets beta: it matches, applies, and changes the function.
-WRONG = """
-rule fold_wrong {
-  match   c = conv(x, w, b?)
-          y = batch_norm(c, mean?, var?, gamma?, beta?, eps = eps)
-  where   frozen_stats(y) and single_use(c) and not shared(w)
-  let     s = (gamma ?? 1) / sqrt(var + eps)
-  rewrite y = conv(x, w * bcast(s, w, 0), ((b ?? 0) - mean) * s)
-}
+WRONG = fold_without_beta() + """
 pipeline {
   apply fold_wrong
   verify rel 1e-5

@@ -13,21 +13,14 @@ from click.testing import CliRunner
 
 from normc.cli import main
 from normc.frontend import ZOO, load_model
+from tests.fixtures.wrong_rules import fold_without_mean
 
 REPO = Path(__file__).resolve().parents[2]
 BN_FOLD = REPO / "examples" / "bn_fold.nc"
 FACTORY = REPO / "tests" / "fixtures" / "cnn_factory.py"
 FACTORY_MODEL = f"{FACTORY}:build"
 
-WRONG_FOLD = """
-# a BN fold that forgets to subtract the running mean
-rule fold_wrong {
-  match   c = conv(x, w, b?)
-          y = batch_norm(c, mean, var, gamma, beta, eps = eps)
-  where   single_use(c) and not shared(w)
-  let     s = gamma / sqrt(var + eps)
-  rewrite y = conv(x, w * bcast(s, w, 0), (b ?? 0) * s + beta)
-}
+WRONG_FOLD = fold_without_mean() + """
 pipeline {
   apply fold_wrong on "bn1"    # one broken site keeps the failure's bisection short
   export torch to "EXPORT_PATH"

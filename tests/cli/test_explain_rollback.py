@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from normc.cli import main
+from tests.fixtures.wrong_rules import fold_without_mean
 
 REPO = Path(__file__).resolve().parents[2]
 BN_FOLD = REPO / "examples" / "bn_fold.nc"
@@ -131,17 +132,7 @@ def test_explain_fan_out_rules_with_calibration(tmp_path):
 
 
 # ------------------------------------------------------------------ --rollback / --strict / --junit
-LIB = """
-rule fold_wrong {
-  doc "BN fold that forgets the running mean"
-  exact
-  match   c = conv(x, w, b?)
-          y = batch_norm(c, mean, var, gamma, beta, eps = eps)
-  where   frozen_stats(y) and single_use(c) and not shared(w) and glob(y, "GLOB")
-  let     s = gamma / sqrt(var + eps)
-  rewrite y = conv(x, w * bcast(s, w, 0), (b ?? 0) * s + beta)
-}
-"""
+LIB = fold_without_mean("GLOB")
 MAIN = """
 use "lib.nc" as lib
 pipeline {
@@ -257,7 +248,7 @@ def test_cli_rollback_on_resnet18(tmp_path):
 def test_prove_tells_the_planted_rule_from_the_correct_one(tmp_path):
     """Without a model: the mean-forgetting fold is unsound (exit 1), the correct fold sound."""
     rules = tmp_path / "p.nc"
-    rules.write_text(LIB.replace(' and glob(y, "GLOB")', "") + """
+    rules.write_text(fold_without_mean() + """
 rule fold_right {
   doc "the correct fold"
   exact

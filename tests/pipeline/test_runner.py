@@ -13,20 +13,11 @@ import normc.api as nc
 from normc.api import load_rules
 from normc.frontend.specs import InputSpec, LoadedModel
 from normc.pipeline import RunOptions, compile_model
+from tests.fixtures.wrong_rules import fold_without_mean
 
 # A BN fold that forgets to subtract the running mean, scoped by glob to two sites (bn1, bn2 of
 # zoo:cnn), next to a correct fold in the same rules file: `apply lib` runs both in one step.
-LIB = """
-rule fold_wrong {
-  doc "BN fold that forgets the running mean"
-  exact
-  match   c = conv(x, w, b?)
-          y = batch_norm(c, mean, var, gamma, beta, eps = eps)
-  where   frozen_stats(y) and single_use(c) and not shared(w) and glob(y, "bn[12]")
-  let     s = gamma / sqrt(var + eps)
-  rewrite y = conv(x, w * bcast(s, w, 0), (b ?? 0) * s + beta)
-}
-
+LIB = fold_without_mean("bn[12]") + """
 rule fold_right {
   doc "the correct fold"
   exact

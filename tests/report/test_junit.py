@@ -10,6 +10,7 @@ from torch import nn
 from normc import api
 from normc.frontend.specs import InputSpec, LoadedModel
 from normc.report.junit import junit_tree, write_junit
+from tests.fixtures.wrong_rules import fold_without_beta
 
 # A compact JUnit schema with the structure of the common "Apache Ant JUnit" XSD (as Jenkins,
 # GitLab and GitHub reporters read it): testsuites > testsuite > properties?, testcase*;
@@ -96,14 +97,7 @@ JUNIT_XSD = """<?xml version="1.0" encoding="UTF-8"?>
 GOOD = "pipeline {\n  apply std.bn\n  verify rel 1e-5\n}\n"
 
 # BN folding that forgets beta: matches, applies, and breaks the function.
-WRONG = """
-rule fold_wrong {
-  match   c = conv(x, w, b?)
-          y = batch_norm(c, mean?, var?, gamma?, beta?, eps = eps)
-  where   frozen_stats(y) and single_use(c) and not shared(w)
-  let     s = (gamma ?? 1) / sqrt(var + eps)
-  rewrite y = conv(x, w * bcast(s, w, 0), ((b ?? 0) - mean) * s)
-}
+WRONG = fold_without_beta() + """
 pipeline {
   apply fold_wrong
   verify rel 1e-5
