@@ -121,7 +121,9 @@ class _Runner:
         self.steps: list[StepRecord] = []
         self.exports: list[T.Export] = []
         self.stats = None
-        self.applied: list[T.Apply] = []  # apply steps run so far (replayed for a verify in another dtype)
+        # apply steps run so far, with the statistics in force and the sites rolled back:
+        # replayed for a verify in another dtype, and to rebuild the graph before a failing step
+        self.applied: list[list] = []
         self.calib_inputs: list = []
         self.warnings: list[str] = []
 
@@ -148,15 +150,18 @@ class _Runner:
         for i, step in enumerate(steps):
             ts = time.perf_counter()
             if isinstance(step, T.Apply):
-                snapshot = copy.deepcopy(gm) if not self.options.dry_run else None
+                # exact steps after an approximation are checked against the model just before them,
+                # so that one is kept; otherwise it is rebuilt (deterministically) only if the step fails
+                approximated = any(s.approximate for s in self.steps)
+                snapshot = copy.deepcopy(gm) if approximated and not self.options.dry_run else None
                 record = self.apply(gm, step)
-                self.applied.append((step, self.stats))
+                self.applied.append([step, self.stats, frozenset()])
                 # tolerance in force: the next explicit verify step's, else the dtype default
                 nxt = next((s for s in steps[i:] if isinstance(s, T.Verify)
                             and DTYPE_NAMES.get(str(s.options.get("dtype", "")), out_dtype) == out_dtype), None)
                 tol = _tolerance(nxt, out_dtype)
                 # after an approximation, an exact step must keep the model as it was before the step
-                step_ref = snapshot if any(s.approximate for s in self.steps) and not record.approximate else reference
+                step_ref = snapshot if approximated and not record.approximate else reference
                 if not self.options.dry_run and any(r.applied for r in record.rules):
                     self.say(f"verifying after `apply {step.rule}`")
                     record.verify = verify_models(step_ref, gm, self.verify_set, tol)
@@ -165,11 +170,13 @@ class _Runner:
                         record.verify_calibration = verify_models(reference, gm, self.calib_inputs[:16], tol)
                     if not record.verify.passed and not record.approximate:
                         broken = record.verify.summary()
+                        snapshot = snapshot if snapshot is not None else self.rebuild_before_last()
                         culprits = self.bisect(snapshot, step, record, step_ref, tol)
                         record.culprits = culprits
                         named = "; ".join(f"{c['rule']} at {c['site']}" for c in culprits) or "no single site"
                         if self.options.rollback and culprits:
                             gm = self.roll_back(snapshot, step, record, culprits, step_ref, tol)
+                            self.applied[-1][2] = frozenset(f"{c['rule']}@{c['key']}" for c in culprits)
                             if not record.verify.passed:
                                 passed = False
                                 failure = failure or f"`apply {step.rule}` still fails after rolling back {named}"
@@ -282,6 +289,15 @@ class _Runner:
         return args
 
     # -------------------------------------------------------------- bisection and rollback
+    def rebuild_before_last(self) -> fx.GraphModule:
+        """The graph as it was before the last apply step: traced again and every earlier step
+        replayed (tracing and rules are deterministic, so node names and sites are the same)."""
+        self.say("rebuilding the graph before the failing step")
+        gm, _ = prepare_graph(self.loaded)
+        for step, stats, exclude in self.applied[:-1]:
+            self.apply(gm, step, stats=stats, exclude=exclude)
+        return gm
+
     def _retry(self, snapshot, step, exclude: set, reference, tol, inputs):
         gm = copy.deepcopy(snapshot)
         record = self.apply(gm, step, exclude=exclude)
@@ -378,8 +394,8 @@ class _Runner:
                          for s in self.loaded.input_specs])
         gm, _ = prepare_graph(loaded)
         applied_here = applied_there = 0
-        for step, stats in self.applied:  # node names of a fresh trace match: the statistics still apply
-            replayed = self.apply(gm, step, loaded=loaded, stats=stats)
+        for step, stats, exclude in self.applied:  # a fresh trace has the same node names: statistics still apply
+            replayed = self.apply(gm, step, loaded=loaded, stats=stats, exclude=exclude)
             applied_here += sum(r.applied for r in replayed.rules)
         applied_there = sum(r.applied for s in self.steps for r in s.rules)
         result = verify_models(loaded.module, gm, cast_inputs(inputs, dtype), tol)

@@ -267,3 +267,18 @@ def test_every_accepted_approx_gate_is_enforced(ln_linear, gate):
     v = result.report["verify"]
     assert v["max_abs_err"] > 0.01 and v["min_cosine"] < 0.99999  # the gate is clearly exceeded
     assert not result.passed
+
+
+def test_f64_replay_keeps_the_rolled_back_sites_out(tmp_path):
+    # the float64 replay re-applies every step: the sites rolled back in the run must stay out,
+    # or the replay would compare a model with the wrong fold in it
+    folder = tmp_path / "rules"
+    folder.mkdir()
+    (folder / "lib.nc").write_text(LIB)
+    (folder / "main.nc").write_text(MAIN.replace("verify rel 1e-5", "verify rel 1e-5\n  verify dtype f64 rel 1e-10"))
+    program = nc.load_rules(folder / "main.nc")
+    result = compile_model(program, nc.load(program, "zoo:cnn"), RunOptions(write=False, rollback=True))
+    assert result.passed, result.report["verify"]["failure"]
+    assert {site_path(c["site"]) for c in result.report["rolled_back"]} == WRONG_SITES
+    f64 = [s for s in result.report["steps"] if s["step"] == "verify"][-1]["verify"]
+    assert f64["max_rel_err"] <= 1e-10
