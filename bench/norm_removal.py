@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.fx as fx
+from _timing import time_block  # bench/ is on sys.path when a bench runs as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 UN_FOLD_NC = ROOT / "examples" / "un_fold.nc"
@@ -56,18 +57,6 @@ def folded_model(loaded) -> tuple[fx.GraphModule, str, int]:
 
 
 # --------------------------------------------------------------------------- timing
-def time_block(fn, runs: int, warmup: int) -> list[float]:
-    """Seconds of each of `runs` calls of `fn()`, after `warmup` calls, all back to back."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def time_ab(fns: list, runs: int, warmup: int, rounds: int) -> list[float]:
     """Median seconds per variant. Each round times every variant in its own contiguous block
     (warm-up, then `runs` calls), one after the other; medians are over all rounds' runs, so a

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import time_block  # bench/ is on sys.path when a bench runs as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "prenorm_to_rmsnorm.nc"
@@ -68,17 +69,6 @@ def logits(out):
 
 
 # --------------------------------------------------------------------------- timing
-def time_block(fn, runs: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def time_ab(fa, fb, runs: int, warmup: int, rounds: int) -> tuple[float, float]:
     """Median seconds of A and B; each round: A's contiguous block, then B's."""
     ta: list[float] = []
