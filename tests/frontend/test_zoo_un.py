@@ -2,7 +2,6 @@
 `fixed_norm` nodes that fold exactly into the linears reading them."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,6 @@ from normc.pipeline.runner import prepare_graph
 
 NAMES = ["un-vit", "un-gpt"]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("normc_bench_norm_removal", ROOT / "bench" / "norm_removal.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _fixed(gm):
