@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from .graph import get_param, module_path, module_type, op_name, param_users, site_name
+from .graph import get_param, index_keeps_last_dim, module_path, module_type, op_name, param_users, site_name
 
 
 class RefuseSite(Exception):
@@ -153,22 +153,8 @@ def _all_zero(ctx, v):
 
 
 def _keeps_last_dim(ctx, index, v):
-    """An index (x[index]) that leaves the last dim of `v` whole and last: it commutes with per-channel ops."""
-    rank = len(_shape(ctx, v))
-    items = index if isinstance(index, tuple) else (index,)
-    if any(i is Ellipsis for i in items):
-        cut = [j for j, i in enumerate(items) if i is Ellipsis][0]
-        ok = items[cut + 1:] in ((), (slice(None),))
-    else:
-        ok, dim = True, 0
-        for it in items:
-            if it is None:
-                ok = ok and dim < rank  # a new axis after the last dim would move it
-                continue
-            if dim == rank - 1 and it != slice(None):
-                ok = False
-            dim += 1
-    return Guard(bool(ok), f"index {index!r} takes part of the last dim or moves it", f"index {index!r} keeps the last dim")
+    ok = index_keeps_last_dim(index, len(_shape(ctx, v)))
+    return Guard(ok, f"index {index!r} takes part of the last dim or moves it", f"index {index!r} keeps the last dim")
 
 
 def _rank(ctx, v):

@@ -145,7 +145,7 @@ class Evaluator:
     # -------------------------------------------------------------- guards
     def check(self, where, source: str | None) -> str | None:
         """None when the guard holds, else the reason (of the first failing conjunct)."""
-        for conjunct in _conjuncts(where):
+        for conjunct in conjuncts(where):
             value = self.eval(conjunct)
             if not self._truth(value):
                 if isinstance(value, Guard) and value.why_false:
@@ -154,7 +154,7 @@ class Evaluator:
         return None
 
 
-def _conjuncts(e):
+def conjuncts(e):
     if isinstance(e, T.Binary) and e.op == "and":
-        return _conjuncts(e.left) + _conjuncts(e.right)
+        return conjuncts(e.left) + conjuncts(e.right)
     return [e]

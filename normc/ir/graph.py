@@ -204,3 +204,22 @@ def annotate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
             node.meta["normc_shape"] = tuple(value.shape)
             node.meta["normc_dtype"] = value.dtype
     run_recording(gm, args, kwargs, on_node)
+
+
+def index_keeps_last_dim(index, rank: int) -> bool:
+    """Whether x[index] (x of `rank` dims) leaves the last dim whole and last: such indexing
+    commutes with anything per-channel (norm affines, centring over the hidden dim)."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(i is Ellipsis for i in items):
+        cut = [j for j, i in enumerate(items) if i is Ellipsis][0]
+        return items[cut + 1:] in ((), (slice(None),))
+    dim = 0
+    for it in items:
+        if it is None:
+            if dim >= rank:  # a new axis after the last dim would move it
+                return False
+            continue
+        if dim == rank - 1 and it != slice(None):
+            return False
+        dim += 1
+    return True

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from ..ir import ops
-from ..ir.graph import get_param, module_path, new_param, op_name, param_users, site_name
+from ..ir.graph import get_param, index_keeps_last_dim, module_path, new_param, op_name, param_users, site_name
 from ..ir.rewrite import RuleReport, SiteRecord, finish
 
 # ops a writer's value may pass through unchanged along the hidden dim
@@ -193,7 +193,7 @@ def _plan_writer(gm, node: fx.Node, into: fx.Node, hidden: int, actions: list, s
         index = node.kwargs.get("index") if op == "getitem" else None
         dim = node.args[1] if op == "slice" and len(node.args) > 1 else None
         rank = len(node.args[0].meta.get("normc_shape", ())) if isinstance(node.args[0], fx.Node) else 0
-        keeps = (op == "slice" and dim not in (-1, rank - 1)) or (op == "getitem" and _index_keeps_last(index, rank))
+        keeps = (op == "slice" and dim not in (-1, rank - 1)) or (op == "getitem" and index_keeps_last_dim(index, rank))
         if keeps:
             _plan_writer(gm, node.args[0], into, hidden, actions, seen, node)
             return
@@ -210,15 +210,6 @@ def _plan_writer(gm, node: fx.Node, into: fx.Node, hidden: int, actions: list, s
             _plan_writer(gm, b, into, hidden, actions, seen, node)
             return
     raise Refuse(f"residual writer `{where}` is {op}, not affine (linear, embedding, conv, parameter)")
-
-
-def _index_keeps_last(index, rank: int) -> bool:
-    items = index if isinstance(index, tuple) else (index,)
-    if any(i is Ellipsis for i in items):
-        cut = [j for j, i in enumerate(items) if i is Ellipsis][0]
-        return items[cut + 1:] in ((), (slice(None),))
-    dims = [i for i in items if i is not None]
-    return len(dims) < rank or dims[rank - 1] == slice(None)
 
 
 def _analyse(gm, readers):

@@ -98,6 +98,7 @@ from ..ir.builtins import EvalContext
 from ..ir.graph import annotate_shapes, get_param
 from ..ir.match import Pattern
 from ..ir.ops import OPS, schema_for
+from ..ir.evaluate import conjuncts
 from ..ir.rewrite import apply_rule, bind_params
 from .calibrate import Statistics, collect
 
@@ -1188,11 +1189,6 @@ def _without_location_guards(rule):
     types): prove checks the mathematics, and a random instance has no module path."""
     if getattr(rule, "where", None) is None:
         return rule
-
-    def conjuncts(e):
-        if isinstance(e, T.Binary) and e.op == "and":
-            return conjuncts(e.left) + conjuncts(e.right)
-        return [e]
 
     def about_location(e):
         if isinstance(e, T.Unary) and e.op == "not":
