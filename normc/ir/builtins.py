@@ -52,7 +52,6 @@ class Builtin:
     kwargs: tuple[str, ...] = ()
     doc: str = ""
     guard: bool = False  # reads the graph: only in `where`
-    raw_args: bool = False  # receives NodeRefs, not tensors
 
 
 class EvalContext:
@@ -256,33 +255,33 @@ def _binary(fn):
     return lambda ctx, a, b: fn(_t(ctx, a), _t(ctx, b))
 
 
-def _b(name, lo, hi, returns, fn, kwargs=(), doc="", guard=False, raw=False):
-    return Builtin(name, lo, hi, returns, fn, tuple(kwargs), doc, guard, raw)
+def _b(name, lo, hi, returns, fn, kwargs=(), doc="", guard=False):
+    return Builtin(name, lo, hi, returns, fn, tuple(kwargs), doc, guard)
 
 
 BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     # guards
-    _b("single_use", 1, 1, "bool", _single_use, doc="the value has exactly one user", guard=True, raw=True),
-    _b("shared", 1, 1, "bool", _shared, doc="the parameter is read by more than one call site", guard=True, raw=True),
-    _b("present", 1, 1, "bool", _present, doc="an optional operand is present", guard=True, raw=True),
-    _b("is_param", 1, 1, "bool", _is_param, doc="the value is a parameter (known at compile time)", guard=True, raw=True),
-    _b("frozen_stats", 1, 1, "bool", _frozen_stats, doc="a batch_norm uses running statistics (eval mode)", guard=True, raw=True),
-    _b("glob", 2, 2, "bool", _glob, doc="a string (or a value's module path) matches a glob", guard=True, raw=True),
-    _b("all_zero", 1, 1, "bool", _all_zero, doc="an attribute (padding) is zero everywhere", guard=True, raw=True),
+    _b("single_use", 1, 1, "bool", _single_use, doc="the value has exactly one user", guard=True),
+    _b("shared", 1, 1, "bool", _shared, doc="the parameter is read by more than one call site", guard=True),
+    _b("present", 1, 1, "bool", _present, doc="an optional operand is present", guard=True),
+    _b("is_param", 1, 1, "bool", _is_param, doc="the value is a parameter (known at compile time)", guard=True),
+    _b("frozen_stats", 1, 1, "bool", _frozen_stats, doc="a batch_norm uses running statistics (eval mode)", guard=True),
+    _b("glob", 2, 2, "bool", _glob, doc="a string (or a value's module path) matches a glob", guard=True),
+    _b("all_zero", 1, 1, "bool", _all_zero, doc="an attribute (padding) is zero everywhere", guard=True),
     _b("is_number", 1, 1, "bool", lambda ctx, v: Guard(isinstance(v, (int, float)) and not isinstance(v, bool),
                                                        f"{v!r} is not a constant number", "a constant number"),
-       doc="a constant number (not a graph value)", guard=True, raw=True),
+       doc="a constant number (not a graph value)", guard=True),
     _b("len", 1, 1, "number", lambda ctx, v: len(v) if isinstance(v, (list, tuple)) else (0 if v is None else 1),
-       doc="length of a list attribute (normalized_shape)", raw=True),
-    _b("keeps_last_dim", 2, 2, "bool", _keeps_last_dim, doc="an index leaves the last dim of a value whole", guard=True, raw=True),
-    _b("rank", 1, 1, "number", _rank, doc="number of dims", raw=True),
-    _b("shape", 1, 1, "shape", lambda ctx, v: list(_shape(ctx, v)), doc="the shape, as a list", raw=True),
-    _b("size", 1, 2, "number", _size, doc="size(x, dim)", raw=True),
-    _b("dtype", 1, 1, "string", _dtype, doc="dtype name: f32, f64, f16, bf16, i64, ...", raw=True),
-    _b("users", 1, 1, "number", _users, doc="number of users of a value", raw=True),
-    _b("path", 1, 1, "string", lambda ctx, v: module_path(_node(v, "path")), doc="module path of a value", raw=True),
-    _b("module_type", 1, 1, "string", lambda ctx, v: module_type(_node(v, "module_type")), doc="class name of the module", raw=True),
-    _b("op", 1, 1, "string", lambda ctx, v: op_name(_node(v, "op")) or "", doc="canonical op name of a value", raw=True),
+       doc="length of a list attribute (normalized_shape)"),
+    _b("keeps_last_dim", 2, 2, "bool", _keeps_last_dim, doc="an index leaves the last dim of a value whole", guard=True),
+    _b("rank", 1, 1, "number", _rank, doc="number of dims"),
+    _b("shape", 1, 1, "shape", lambda ctx, v: list(_shape(ctx, v)), doc="the shape, as a list"),
+    _b("size", 1, 2, "number", _size, doc="size(x, dim)"),
+    _b("dtype", 1, 1, "string", _dtype, doc="dtype name: f32, f64, f16, bf16, i64, ..."),
+    _b("users", 1, 1, "number", _users, doc="number of users of a value"),
+    _b("path", 1, 1, "string", lambda ctx, v: module_path(_node(v, "path")), doc="module path of a value"),
+    _b("module_type", 1, 1, "string", lambda ctx, v: module_type(_node(v, "module_type")), doc="class name of the module"),
+    _b("op", 1, 1, "string", lambda ctx, v: op_name(_node(v, "op")) or "", doc="canonical op name of a value"),
     # values
     _b("sqrt", 1, 1, "tensor", _unary(torch.sqrt)), _b("rsqrt", 1, 1, "tensor", _unary(torch.rsqrt)),
     _b("abs", 1, 1, "tensor", _unary(torch.abs)), _b("exp", 1, 1, "tensor", _unary(torch.exp)),
@@ -290,12 +289,12 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     _b("maximum", 2, 2, "tensor", _binary(torch.maximum)), _b("minimum", 2, 2, "tensor", _binary(torch.minimum)),
     _b("clamp", 1, 3, "tensor", _clamp, ("min", "max")),
     _b("sum", 1, 3, "tensor", _stat("sum"), ("dim", "keepdim")),
-    _b("mean", 1, 3, "tensor", _stat("mean"), ("dim", "keepdim"), raw=True),
-    _b("max", 1, 3, "tensor", _stat("max"), ("dim", "keepdim"), raw=True),
-    _b("min", 1, 3, "tensor", _stat("min"), ("dim", "keepdim"), raw=True),
-    _b("absmax", 1, 3, "tensor", _stat("absmax"), ("dim", "keepdim"), doc="max |x| of a parameter along dims, or per channel of an activation (calibration)", raw=True),
-    _b("rms", 1, 3, "tensor", _stat("rms"), ("dim", "keepdim"), raw=True),
-    _b("bcast", 2, 3, "tensor", _bcast, ("dim",), doc="reshape a vector to broadcast along dim of another tensor", raw=True),
+    _b("mean", 1, 3, "tensor", _stat("mean"), ("dim", "keepdim")),
+    _b("max", 1, 3, "tensor", _stat("max"), ("dim", "keepdim")),
+    _b("min", 1, 3, "tensor", _stat("min"), ("dim", "keepdim")),
+    _b("absmax", 1, 3, "tensor", _stat("absmax"), ("dim", "keepdim"), doc="max |x| of a parameter along dims, or per channel of an activation (calibration)"),
+    _b("rms", 1, 3, "tensor", _stat("rms"), ("dim", "keepdim")),
+    _b("bcast", 2, 3, "tensor", _bcast, ("dim",), doc="reshape a vector to broadcast along dim of another tensor"),
     _b("reshape", 2, 2, "tensor", _reshape), _b("t", 1, 1, "tensor", _transpose, doc="swap the first two dims"),
     _b("where", 3, 3, "tensor", _where),
     _b("ones_like", 1, 1, "tensor", _unary(torch.ones_like)), _b("zeros_like", 1, 1, "tensor", _unary(torch.zeros_like)),

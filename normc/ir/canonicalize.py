@@ -386,7 +386,6 @@ def canonicalize(gm: fx.GraphModule, recognize: bool = True) -> fx.GraphModule:
             new = graph.call_function(schema.impl, tuple(operands), attrs)
         new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "val", "tensor_meta")})
         new.meta["normc_path"], new.meta["normc_module_type"] = path, mtype
-        new.name  # keep fx's unique name
         base = aten_base(node.target) if node.op == "call_function" else None
         if base in _TUPLE_RESULT:
             for user in list(node.users):

@@ -236,10 +236,6 @@ COMMUTATIVE = {"add", "mul"}
 # Pattern names that mean "this op, with a constraint": conv2d is conv with a 4-d weight.
 ALIASES: dict[str, tuple[str, int]] = {"conv1d": ("conv", 3), "conv2d": ("conv", 4), "conv3d": ("conv", 5)}
 
-# Ops that are counted under a canonical name but not rewritten (they never take part in a pattern's params).
-NAMED_ONLY = {"reshape", "permute", "transpose", "cat", "split", "sdpa", "dropout", "getitem", "slice",
-              "expand", "contiguous", "to", "mean", "pow", "rsqrt", "sqrt", "neg", "exp", "max_pool", "avg_pool"}
-
 IMPL_TO_NAME: dict[Callable, str] = {s.impl: s.name for s in OPS.values() if s.impl is not None}
 
 
