@@ -27,7 +27,7 @@ from ..ir.canonicalize import canonicalize, drop_noop_casts, run_recognizers
 from ..ir.evaluate import Evaluator
 from ..ir.graph import annotate_shapes, op_counts
 from ..ir.rewrite import RuleReport, apply_rule
-from ..verify import Tolerance, VerifyResult, sample_inputs, verify_models
+from ..verify import CachedReference, Tolerance, VerifyResult, sample_inputs, verify_models
 from ..verify.inputs import cast_inputs
 
 
@@ -139,12 +139,13 @@ class _Runner:
         gm, trace_info = prepare_graph(self.loaded)
         before = op_counts(gm)
         before_gm = copy.deepcopy(gm) if self.options.keep_before else None
-        reference = self.loaded.module
+        # the original's outputs on the verification inputs are computed once for every step
+        reference = CachedReference(self.loaded.module)
         self.verify_set = self.inputs(self.options.verify_inputs)
         pipeline = self.program.main.pipeline
         steps = list(pipeline.steps) if pipeline else []
         verifies = [s for s in steps if isinstance(s, T.Verify)]
-        out_dtype = self._output_dtype(reference)
+        out_dtype = self._output_dtype(self.loaded.module)
         passed = True
         failure = None
         for i, step in enumerate(steps):
@@ -250,7 +251,7 @@ class _Runner:
         }
         report["rolled_back"] = [c for s in self.steps for c in getattr(s, "rolled_back", [])]
         report["culprits"] = [c for s in self.steps for c in getattr(s, "culprits", [])]
-        result = CompileResult(gm, reference, self.loaded, report, passed, before=before_gm)
+        result = CompileResult(gm, self.loaded.module, self.loaded, report, passed, before=before_gm)
         if passed and self.options.write and not self.options.dry_run:
             self.write_outputs(result)
         report["seconds"] = round(time.perf_counter() - t0, 3)

@@ -1,5 +1,6 @@
 """Numeric equivalence: run two models (or a model and an export) and compare every output."""
 from normc.verify.compare import (
+    CachedReference,
     OutputDiff,
     Tolerance,
     VerifyResult,
@@ -14,6 +15,7 @@ from normc.verify.compare import (
 from normc.verify.inputs import cast_inputs, sample_inputs
 
 __all__ = [
+    "CachedReference",
     "OutputDiff",
     "Tolerance",
     "VerifyResult",
