@@ -11,8 +11,9 @@
 * **activations QUInt8, asymmetric** (MinMax calibration): the combination ORT recommends
   for x86-64 (U8S8: ``VPMADDUBSW`` / VNNI ``VPDPBUSD`` multiply unsigned activations by
   signed weights). Asymmetric uint8 also spends the codes of one-sided ranges (post-GELU
-  activations) instead of wasting half of them. ``reduce_range`` (7-bit weights) is only
-  needed on x86 without VNNI, where U8S8 products can saturate; it is off by default.
+  activations) instead of wasting half of them. ``reduce_range`` (7-bit weights) is needed
+  on x86 without VNNI, where U8S8 products saturate (see :mod:`normc.backends.cpu_features`);
+  by default it is on exactly there.
   ``activation_type="int8"`` (symmetric int8, S8S8) is the choice for ARM or TensorRT.
 * by default only the **linears** are quantized (``MatMul``/``Gemm`` with a constant weight:
   ``MatMulConstBOnly``): the W8A8 scheme of SmoothQuant / OS+ and of
@@ -41,6 +42,7 @@ import numpy as np
 
 
 from normc.atomic import atomic_path
+from normc.backends.cpu_features import cpu_features, default_reduce_range
 from normc.backends.onnx_backend import _iter_nodes, onnx_op_counts
 from normc.backends.torch_backend import one_line
 from normc.errors import BackendMissing, NormcError
@@ -137,7 +139,7 @@ def quantize_int8(
     activation_type: str = "uint8",
     linears_only: bool = True,
     op_types: Sequence[str] | None = None,
-    reduce_range: bool = False,
+    reduce_range: bool | None = None,
     preprocess: bool = True,
     gemm: bool = True,
     calibrate_method: str = "minmax",
@@ -148,6 +150,7 @@ def quantize_int8(
     ``calibration_inputs``; write ``onnx_out`` atomically; return what was done.
 
     ``activation_type``: ``"uint8"`` (asymmetric, x86 default) or ``"int8"`` (symmetric).
+    ``reduce_range``: 7-bit weights; None chooses for this CPU (on where U8S8 saturates).
     ``op_types``: the ONNX op types to quantize (default ``MatMul``, ``Gemm`` when
     ``linears_only``, else every op ORT supports). ``calibrate_method``: ``minmax``,
     ``entropy`` or ``percentile``. ``gemm``: rewrite every remaining MatMul(+bias Add) linear
@@ -180,11 +183,14 @@ def quantize_int8(
         options["OpTypesToExcludeOutputQuantization"] = ["MatMul", "Gemm"]
     if act == "QInt8":
         options["ActivationSymmetric"] = True
+    cpu = cpu_features()
+    if reduce_range is None:
+        reduce_range = default_reduce_range(cpu)
     options.update(extra_options or {})
     settings = {"format": "QDQ", "weights": "int8 symmetric " + ("per-channel" if per_channel else "per-tensor"),
                 "activations": ("uint8 asymmetric" if act == "QUInt8" else "int8 symmetric") + ", per-tensor static",
                 "op_types": list(op_types) if op_types else "all", "calibrate_method": str(calibrate_method),
-                "reduce_range": bool(reduce_range), "extra_options": {k: _plain(v) for k, v in options.items()}}
+                "reduce_range": bool(reduce_range), "cpu": cpu.describe(), "extra_options": {k: _plain(v) for k, v in options.items()}}
 
     t0 = time.perf_counter()
     notes: list[str] = []

@@ -70,6 +70,50 @@ def test_qdq_model_runs_and_is_close(quantized):
         assert 0 < rel < 0.05, rel
 
 
+def test_qdq_model_itself_is_close_on_any_cpu(quantized):
+    """The quantized model's own error (QDQ evaluated in float, no integer kernels) does not
+    depend on the CPU; the fused kernels' error does (see normc.backends.cpu_features)."""
+    import onnxruntime as ort
+
+    m, path, folder, report = quantized
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(report.path), so, providers=["CPUExecutionProvider"])
+    for args, kwargs in _inputs(4, 2):
+        ref = m(*args).detach().numpy()
+        q = run_onnx(sess, args, kwargs)[0]
+        assert 0 < np.linalg.norm(q - ref) / np.linalg.norm(ref) < 0.02
+
+
+@pytest.mark.parametrize("arch,flags,expected", [
+    ("x86_64", {"avx2"}, True),                    # AVX2 only: U8S8 saturates, 7-bit weights
+    ("x86_64", {"avx2", "avx512_vnni"}, False),
+    ("x86_64", {"avx2", "avx_vnni"}, False),
+    ("aarch64", set(), False),
+])
+def test_reduce_range_follows_the_cpu(monkeypatch, exported, tmp_path, arch, flags, expected):
+    from normc.backends import cpu_features as cf
+    from normc.backends import quantize as qmod
+
+    fake = cf.CpuFeatures(arch, frozenset(flags), "test")
+    monkeypatch.setattr(qmod, "cpu_features", lambda: fake)
+    assert cf.default_reduce_range(fake) is expected
+    _, path, _ = exported
+    report = quantize_int8(path, tmp_path / "q.onnx", _inputs(2, 1))
+    assert report.settings["reduce_range"] is expected
+    assert report.settings["cpu"] == fake.describe()
+    explicit = quantize_int8(path, tmp_path / "q2.onnx", _inputs(2, 1), reduce_range=not expected)
+    assert explicit.settings["reduce_range"] is (not expected)
+
+
+def test_cpu_features_are_read_here():
+    from normc.backends.cpu_features import cpu_features
+
+    feats = cpu_features()
+    assert feats.arch and feats.source in ("/proc/cpuinfo", "numpy", "none")
+    assert feats.u8s8_saturates == (feats.x86 and not feats.vnni)
+
+
 def _optimized_counts(path, folder):
     import onnxruntime as ort
 
