@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-from ..errors import NormcError, VerificationFailed
+from ..errors import NormcError
 from ..frontend import LoadedModel, trace_model
 from ..frontend.specs import InputSpec
 from ..grammar import syntax_tree as T
@@ -29,6 +29,7 @@ from ..ir.graph import annotate_shapes, op_counts
 from ..ir.rewrite import RuleReport, apply_rule
 from ..verify import CachedReference, Tolerance, VerifyResult, sample_inputs, verify_models
 from ..verify.inputs import cast_inputs
+from .outputs import write_outputs
 
 
 @dataclass
@@ -253,7 +254,7 @@ class _Runner:
         report["culprits"] = [c for s in self.steps for c in getattr(s, "culprits", [])]
         result = CompileResult(gm, self.loaded.module, self.loaded, report, passed, before=before_gm)
         if passed and self.options.write and not self.options.dry_run:
-            self.write_outputs(result)
+            write_outputs(self, result)
         report["seconds"] = round(time.perf_counter() - t0, 3)
         return result
 
@@ -433,97 +434,12 @@ class _Runner:
         self.stats.source = step.source
         self.calib_inputs = inputs
 
-    # -------------------------------------------------------------- outputs
-    def onnx_opset(self, gm, opts) -> int:
-        if "opset" in opts:
-            return int(opts["opset"])
-        if self.options.opset is not None:
-            return self.options.opset
-        # LayerNormalization needs >= 17; RMSNormalization exists from 23: below it, it would be decomposed
-        return 23 if op_counts(gm).get("rms_norm") else 18
-
-    def write_outputs(self, result: CompileResult):
-        from ..backends import onnx_backend, torch_backend
-        gm, loaded = result.graph_module, self.loaded
-        targets = []
-        if self.options.output is not None:
-            targets.append((_format_of(self.options.output), Path(self.options.output), {}))
-        for ex in self.exports:
-            if ex.path is not None:
-                targets.append((ex.format, Path(ex.path), ex.options))
-        for fmt, path, opts in targets:
-            self.say(f"writing {path}")
-            if fmt == "torch":
-                torch_backend.save_pt2(gm, loaded.example_args, loaded.example_kwargs, path)
-            elif fmt == "safetensors":
-                torch_backend.save_state_dict(gm, path)
-            elif fmt == "onnx" and opts.get("quantize") is not None:
-                self.write_int8(gm, path, opts, result)
-            elif fmt == "onnx":
-                opset = self.onnx_opset(gm, opts)
-                onnx_backend.export_onnx(gm, loaded.example_args, loaded.example_kwargs, path, opset=opset)
-                check = onnx_backend.check_onnx(path, gm, self.verify_set[:2], None)
-                result.report.setdefault("onnx_check", []).append({"path": str(path), **check.to_dict()})
-                if not check.passed:
-                    path.unlink(missing_ok=True)
-                    raise VerificationFailed(f"the ONNX export `{path}` does not match torch: {check.summary()}",
-                                             "report this with the model; export torch (.pt2) meanwhile")
-            elif fmt == "tensorrt":
-                from ..backends import tensorrt_backend
-                tensorrt_backend.require()  # say what is missing before writing anything
-                onnx_path = path.with_suffix(".onnx")
-                onnx_backend.export_onnx(gm, loaded.example_args, loaded.example_kwargs, onnx_path,
-                                         opset=self.onnx_opset(gm, opts))
-                tensorrt_backend.build_engine(onnx_path, path, fp16=bool(opts.get("fp16", False)))
-            result.outputs.append(str(path))
-            result.report["outputs"].append({"format": fmt, "path": str(path)})
-
-    def write_int8(self, gm, path: Path, opts: dict, result: CompileResult):
-        """ONNX, then static INT8 (QDQ, per-channel weights) calibrated on the pipeline's calibration
-        inputs; its error against torch is measured and reported (quantization is not exact)."""
-        import tempfile
-
-        from ..backends import onnx_backend
-        from ..backends.quantize import quantize_int8
-        if str(opts["quantize"]) != "int8":
-            raise NormcError(f"`quantize {opts['quantize']}` is not supported", "use `export onnx quantize int8 to \"m.onnx\"`")
-        calib = self.calib_inputs or self.inputs(32)
-        with tempfile.TemporaryDirectory() as tmp:
-            fp32 = Path(tmp) / "fp32.onnx"
-            onnx_backend.export_onnx(gm, self.loaded.example_args, self.loaded.example_kwargs, fp32,
-                                     opset=self.onnx_opset(gm, opts))
-            done = quantize_int8(fp32, path, calib)
-        check = onnx_backend.check_onnx(path, gm, self.verify_set, Tolerance(max_rel=1.0))
-        result.report.setdefault("int8", []).append({
-            "path": str(path), "calibration_samples": len(calib), "quantize": _plain_dict(done),
-            "max_rel_err": check.max_rel_err, "min_cosine": check.min_cosine})
-
     @staticmethod
     def _output_dtype(module) -> torch.dtype:
         for p in module.parameters():
             if p.is_floating_point():
                 return p.dtype
         return torch.float32
-
-
-def _plain_dict(obj) -> dict:
-    if dataclasses.is_dataclass(obj):
-        return {k: v for k, v in dataclasses.asdict(obj).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
-    return {}
-
-
-def _format_of(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in (".pt2",):
-        return "torch"
-    if suffix == ".onnx":
-        return "onnx"
-    if suffix == ".safetensors":
-        return "safetensors"
-    if suffix in (".engine", ".plan", ".trt"):
-        return "tensorrt"
-    raise NormcError(f"cannot tell the output format of `{path}`",
-                     "use a .pt2 (torch.export), .onnx, .safetensors or .engine (TensorRT) file name")
 
 
 def _run_extern(rule: T.ExternPass, gm, ctx, args, scope, runner, loaded) -> RuleReport:
