@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.fx as fx
@@ -52,6 +53,16 @@ class RuleReport:
             "near_miss_count": len(self.near_misses),
             "notes": list(self.notes),
         }
+
+
+class SiteObserver(Protocol):
+    """Watches the sites a rule rewrites (per-site verification records their boundaries)."""
+
+    def site_matched(self, gm: fx.GraphModule, match: Match, rule: T.Rule) -> object:
+        """Called once a site is planned, before the graph changes; returns a token for site_emitted."""
+
+    def site_emitted(self, token: object, record: SiteRecord, created: list[fx.Node]) -> None:
+        """Called after the site's replacement is in the graph."""
 
 
 class MathError(RefuseSite):
@@ -274,8 +285,10 @@ def emit_site(gm, match: Match, env: dict, plans, replaced: dict | None = None) 
 
 def apply_rule(gm: fx.GraphModule, rule: T.Rule, args: dict | None = None, scope: str | None = None,
                ctx: EvalContext | None = None, exclude: set[str] = frozenset(), dry_run: bool = False,
-               max_sweeps: int = 64) -> RuleReport:
-    """Apply `rule` everywhere it matches (to a fixpoint) and report every site."""
+               max_sweeps: int = 64, observer: "SiteObserver | None" = None) -> RuleReport:
+    """Apply `rule` everywhere it matches (to a fixpoint) and report every site.
+
+    `observer` (optional) sees each site just before the graph is changed and just after."""
     ctx = ctx or EvalContext(gm)
     params = bind_params(rule, args or {})
     pattern = Pattern(rule)
@@ -335,7 +348,10 @@ def apply_rule(gm: fx.GraphModule, rule: T.Rule, args: dict | None = None, scope
                 report.sites.append(rec)
                 report.applied += 1
                 continue
+            token = observer.site_matched(gm, m, rule) if observer is not None else None
             new_nodes = emit_site(gm, m, env, plans, rec.replaced)
+            if observer is not None:
+                observer.site_emitted(token, rec, new_nodes)
             created.update(new_nodes)
             rec.new_nodes = [n.name for n in new_nodes]
             report.sites.append(rec)
