@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from .graph import get_param, index_keeps_last_dim, module_path, module_type, op_name, param_users, site_name
+from .graph import ParamIndex, get_param, index_keeps_last_dim, module_path, module_type, op_name, site_name
 
 
 class RefuseSite(Exception):
@@ -60,6 +60,12 @@ class EvalContext:
     def __init__(self, gm: fx.GraphModule, stats=None):
         self.gm = gm
         self.stats = stats  # normc.verify.calibrate.Statistics or None
+        self.param_index: ParamIndex | None = None  # set by the rewriter, which keeps it up to date
+
+    def param_users(self, node: fx.Node) -> list[fx.Node]:
+        """Every node reading the parameter `node` reads (same target or same storage)."""
+        index = self.param_index if self.param_index is not None else ParamIndex(self.gm)
+        return index.users(node)
 
     def tensor(self, v, what: str = "value") -> torch.Tensor:
         """A bound value as a float64 tensor (parameters are read from the module)."""
@@ -110,7 +116,7 @@ def _shared(ctx, v):
     if n.op != "get_attr":
         k = len(n.users)
         return Guard(k > 1, f"`{n.name}` has one user", f"`{n.name}` has {k} users")
-    users = param_users(ctx.gm, n)
+    users = ctx.param_users(n)
     k = len(users)
     return Guard(k > 1, why_false=f"parameter `{n.target}` is used once",
                  why_true=f"parameter `{n.target}` is shared by {k} call sites (a module called twice or a tied weight)")

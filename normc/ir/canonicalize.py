@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .graph import aten_base, module_path, module_type
+from .graph import aten_base, delete_unused_submodules, module_path, module_type
 
 aten = torch.ops.aten
 
@@ -401,7 +401,7 @@ def canonicalize(gm: fx.GraphModule, recognize: bool = True) -> fx.GraphModule:
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
-    gm.delete_all_unused_submodules()
+    delete_unused_submodules(gm)  # fx's own is quadratic in the number of modules
     if recognize:
         run_recognizers(gm)
     return gm
@@ -426,11 +426,17 @@ def drop_noop_casts(gm: fx.GraphModule) -> int:
 
 
 def run_recognizers(gm: fx.GraphModule) -> int:
-    """Apply the std.recognize rules (multi-node patterns that become one canonical op)."""
+    """Apply the std.recognize rules (multi-node patterns that become one canonical op).
+
+    Costs next to nothing where nothing matches: candidates come from fx's index by op, the ops of
+    their operands reject most at a glance (no near-miss reasons are built: nobody reads them), and
+    the cleanup (dead code, unused parameters, recompile) runs once, only when something changed."""
     from ..grammar.loader import load_std
-    from .rewrite import apply_rule
+    from .rewrite import apply_rule, finish
     program = load_std()
     applied = 0
     for name in program.groups.get("std.recognize", []):
-        applied += apply_rule(gm, program.rules[name]).applied
+        applied += apply_rule(gm, program.rules[name], explain=False, cleanup=False).applied
+    if applied:
+        finish(gm)
     return applied

@@ -117,54 +117,146 @@ def _get_attr(root, target: str):
     return obj
 
 
+def live(node: fx.Node) -> bool:
+    """Whether `node` is still in its graph (fx marks erased nodes with a private flag: read it here only)."""
+    return not getattr(node, "_erased", False)
+
+
+def erase_dead(graph: fx.Graph, nodes) -> int:
+    """Erase each of `nodes` that nothing reads, then, transitively, the operands that nothing reads any
+    more (what a rewritten site leaves behind). Side-effecting nodes stay. Returns the nodes examined."""
+    stack = list(nodes)
+    examined = 0
+    while stack:
+        node = stack.pop()
+        examined += 1
+        if not live(node) or node.users or node.is_impure():
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        stack.extend(inputs)
+    return examined
+
+
+def _storage_key(gm: fx.GraphModule, target: str):
+    """What identifies the memory a parameter reads (tied weights share it); None for no tensor memory."""
+    try:
+        t = _get_attr(gm, target)
+    except AttributeError:
+        return None
+    if not isinstance(t, torch.Tensor) or not t.numel() or t.device.type == "meta":
+        return None
+    return t.untyped_storage().data_ptr()
+
+
+class ParamIndex:
+    """The get_attr nodes that read each parameter, by target and by storage (tied weights, a module
+    called twice): `users(node)` without scanning the graph. The rewriter adds the nodes it creates;
+    erased nodes are skipped when read."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self._by_target: dict[str, list[fx.Node]] = {}
+        self._by_storage: dict[int, dict[str, None]] = {}
+        self._key: dict[str, int | None] = {}
+        self._built = False  # built on the first question (most rules never ask)
+
+    def _build(self) -> None:
+        self._built = True
+        for node in self.gm.graph.find_nodes(op="get_attr"):
+            self.add(node)
+
+    def add(self, node: fx.Node) -> None:
+        if not self._built:
+            return  # the build will find it
+        target = node.target
+        self._by_target.setdefault(target, []).append(node)
+        if target not in self._key:
+            key = self._key[target] = _storage_key(self.gm, target)
+            if key is not None:
+                self._by_storage.setdefault(key, {})[target] = None
+
+    def users(self, node: fx.Node) -> list[fx.Node]:
+        """Every node that reads the same parameter tensor as `node` (same target or same storage)."""
+        if not self._built:
+            self._build()
+        if node.target not in self._key:
+            self.add(node)
+        key = self._key[node.target]
+        targets = [node.target] + [t for t in (self._by_storage.get(key, ()) if key is not None else ())
+                                   if t != node.target]
+        return [u for t in targets for n in self._by_target.get(t, ()) if live(n) for u in n.users]
+
+
 def param_users(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
-    """Every node that reads the same parameter tensor as `node` (same target or same storage)."""
-    tensor = get_param(gm, node)
-    users = []
-    for other in gm.graph.nodes:
-        if other.op != "get_attr":
-            continue
-        if other.target == node.target:
-            users.extend(other.users)
-            continue
-        try:
-            t = _get_attr(gm, other.target)
-        except AttributeError:
-            continue
-        if isinstance(t, torch.Tensor) and isinstance(tensor, torch.Tensor) and t.numel() and tensor.numel() \
-                and t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
-            users.extend(other.users)
-    return users
+    """Every node that reads the same parameter tensor as `node` (same target or same storage).
+    Scans the graph: code that asks repeatedly keeps a ParamIndex."""
+    return ParamIndex(gm).users(node)
 
 
-def new_param(gm: fx.GraphModule, base_name: str, value: torch.Tensor) -> str:
-    """Register a tensor created by a rewrite; returns its get_attr target."""
+def new_param(gm: fx.GraphModule, base_name: str, value: torch.Tensor, taken: dict[str, int] | None = None) -> str:
+    """Register a tensor created by a rewrite; returns its get_attr target.
+
+    `taken` (name -> last suffix used) lets a caller that creates many parameters without deleting
+    any skip the suffixes it already used (the names are the same, found in O(1))."""
     if not hasattr(gm, PARAM_STORE):
         gm.add_module(PARAM_STORE, torch.nn.Module())
     store = getattr(gm, PARAM_STORE)
     name = re.sub(r"[^0-9A-Za-z_]", "_", base_name).strip("_") or "p"
-    candidate, i = name, 1
+    i = taken.get(name, 1) if taken is not None else 1
+    candidate = name if i == 1 else f"{name}_{i}"
     while hasattr(store, candidate):
         i += 1
         candidate = f"{name}_{i}"
+    if taken is not None:
+        taken[name] = i
     store.register_parameter(candidate, torch.nn.Parameter(value.detach().contiguous(), requires_grad=False))
     return f"{PARAM_STORE}.{candidate}"
 
 
 def drop_unused_params(gm: fx.GraphModule) -> None:
-    """Remove parameters and buffers that no get_attr node reads any more, then empty submodules."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    used_modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        if name in used or any(name.startswith(m + ".") for m in used_modules):
-            continue
-        owner_path, _, attr = name.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
-        if attr in owner._parameters:
-            del owner._parameters[attr]
-        elif attr in owner._buffers:
-            del owner._buffers[attr]
-    gm.delete_all_unused_submodules()
+    """Remove the parameters and buffers no get_attr node reads, and the submodules nothing reads.
+    One walk of the module tree: whole unused modules go first, then the unread entries of the rest."""
+    read = {n.target for n in gm.graph.find_nodes(op="get_attr")}
+    called = {n.target for n in gm.graph.find_nodes(op="call_module")}
+    delete_unused_submodules(gm)
+    for path, mod in gm.named_modules(remove_duplicate=False):
+        if called and (path in called or _under_any(path, called)):
+            continue  # a module that runs reads its own parameters
+        prefix = f"{path}." if path else ""
+        for store in (mod._parameters, mod._buffers):
+            for attr in [a for a, v in store.items() if v is not None and prefix + a not in read]:
+                del store[attr]
+
+
+def delete_unused_submodules(gm: fx.GraphModule) -> None:
+    """Delete the submodules no node reads (fx's delete_all_unused_submodules, with a set instead of
+    its list: that one is quadratic in the number of modules)."""
+    used: set[str] = set()
+    for op in ("get_attr", "call_module"):
+        for node in gm.graph.find_nodes(op=op):
+            if not isinstance(node.target, str):
+                continue
+            parts = node.target.split(".")
+            used.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
+            if op == "call_module":
+                try:
+                    sub = gm.get_submodule(node.target)
+                except AttributeError:
+                    continue
+                used.update(f"{node.target}.{name}" for name, _ in sub.named_modules() if name)
+    doomed: list[str] = []
+    for name, _ in gm.named_modules():
+        if name and name not in used and not (doomed and name.startswith(doomed[-1] + ".")):
+            doomed.append(name)  # named_modules is pre-order: a deleted module takes its children along
+    for name in doomed:
+        gm.delete_submodule(name)
+
+
+def _under_any(name: str, modules: set[str]) -> bool:
+    """Whether `name` lies inside one of `modules` (checks its own prefixes: O(depth), not O(modules))."""
+    parts = name.split(".")
+    return any(".".join(parts[:k]) in modules for k in range(1, len(parts)))
 
 
 def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
@@ -204,6 +296,75 @@ def annotate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
             node.meta["normc_shape"] = tuple(value.shape)
             node.meta["normc_dtype"] = value.dtype
     run_recording(gm, args, kwargs, on_node)
+
+
+def _meta_value(node: fx.Node) -> torch.Tensor:
+    """A node's recorded shape and dtype as a tensor without memory (raises KeyError when unknown)."""
+    return torch.empty(node.meta["normc_shape"], dtype=node.meta["normc_dtype"], device="meta")
+
+
+def _signature(value):
+    """A hashable stand-in for an op's argument: a node by its recorded shape and dtype."""
+    if isinstance(value, fx.Node):
+        return ("node", tuple(value.meta["normc_shape"]), value.meta["normc_dtype"])
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__,) + tuple(_signature(v) for v in value)
+    if isinstance(value, dict):
+        return ("dict",) + tuple((k, _signature(v)) for k, v in sorted(value.items()))
+    if isinstance(value, torch.Tensor):
+        raise TypeError("a tensor attribute: not cached")
+    hash(value)
+    return (type(value).__name__, value)  # 1, 1.0 and True are equal keys, not equal attributes
+
+
+# (op, operand shapes/dtypes, attributes) -> (shape, dtype): running an op on meta tensors costs
+# ~100x a dict lookup, and models repeat the same few signatures (one per block kind)
+_SHAPE_CACHE: dict = {}
+_SHAPE_CACHE_SIZE = 4096
+
+
+def _call_shape(node: fx.Node):
+    """Shape and dtype of a canonical op's output, from its operands' recorded ones."""
+    key = None
+    if node.target in IMPL_TO_NAME:  # canonical ops: the output shape depends on input shapes and attributes only
+        try:
+            key = (node.target, _signature(node.args), _signature(dict(node.kwargs)))
+        except TypeError:  # an unhashable attribute
+            key = None
+        if key is not None and key in _SHAPE_CACHE:
+            return _SHAPE_CACHE[key]
+    args = fx.node.map_arg(node.args, _meta_value)
+    kwargs = fx.node.map_arg(node.kwargs, _meta_value)
+    with torch.no_grad():
+        value = node.target(*args, **kwargs)
+    out = (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else None
+    if key is not None:
+        if len(_SHAPE_CACHE) >= _SHAPE_CACHE_SIZE:
+            _SHAPE_CACHE.clear()
+        _SHAPE_CACHE[key] = out
+    return out
+
+
+def infer_shapes(gm: fx.GraphModule, nodes) -> list[fx.Node]:
+    """Record shape and dtype on new `nodes` (in topological order) from their operands' recorded ones:
+    parameters from their tensor, calls by running the op on meta tensors (no data, no whole-model run).
+    Returns the nodes whose shape could not be inferred (an operand without a shape, an op meta cannot run)."""
+    unknown = []
+    for node in nodes:
+        found = None
+        try:
+            if node.op == "get_attr":
+                t = get_param(gm, node)
+                found = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else None
+            elif node.op == "call_function":
+                found = _call_shape(node)
+        except Exception:  # noqa: BLE001 - no shape is recorded: readers say the shape is unknown
+            found = None
+        if found is not None:
+            node.meta["normc_shape"], node.meta["normc_dtype"] = found
+        else:
+            unknown.append(node)
+    return unknown
 
 
 def index_keeps_last_dim(index, rank: int) -> bool:

@@ -3,10 +3,17 @@
 Each site is planned completely (all tensors computed) before the graph is touched, so a
 site refused half-way leaves no trace. Every site is recorded: applied, or skipped with
 the reason. Rules run to a fixpoint.
+
+The cost is linear in the graph: only nodes of the pattern's root op are visited (fx indexes
+nodes by target), each once per sweep that can change it (a worklist, not re-sweeps of the
+graph); a site erases only what it left dead and infers shapes for its new nodes only; the
+parameter -> readers index is kept up to date instead of rescanned; one cleanup per rule.
 """
 from __future__ import annotations
 
 import fnmatch
+import heapq
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,9 +24,10 @@ from ..errors import NormcError
 from ..grammar import syntax_tree as T
 from .builtins import EvalContext, NodeRef, RefuseSite
 from .evaluate import Evaluator
-from .graph import drop_unused_params, get_param, module_path, module_type, new_param, site_name
+from .graph import (ParamIndex, drop_unused_params, erase_dead, get_param, infer_shapes, live, module_path,
+                    module_type, new_param, site_name)
 from .graph import op_name as op_name_of
-from .match import Match, NearMiss, Pattern
+from .match import Match, MatchStatus, NearMiss, Pattern
 from .ops import schema_for
 
 
@@ -32,6 +40,7 @@ class SiteRecord:
     new_nodes: list[str] = field(default_factory=list)
     module_type: str = ""
     replaced: dict[str, str] = field(default_factory=dict)  # old node name -> the node that took its place
+    status: MatchStatus | None = None  # why it was skipped (None: applied)
 
 
 @dataclass
@@ -43,16 +52,23 @@ class RuleReport:
     skipped: list[SiteRecord] = field(default_factory=list)
     near_misses: list[SiteRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    loc: str = ""  # the rule's `.nc` file:line
+    stats: "RuleStats" = field(default_factory=lambda: RuleStats())
 
     def to_dict(self, near_miss_limit: int = 50) -> dict:
-        return {
+        d = {
             "name": self.name, "kind": self.kind, "applied": self.applied,
             "sites": [{"site": s.site, "key": s.key} for s in self.sites],
-            "skipped": [{"site": s.site, "key": s.key, "reason": s.reason} for s in self.skipped],
+            "skipped": [{"site": s.site, "key": s.key, "reason": s.reason}
+                        | ({"status": s.status.value} if s.status is not None else {}) for s in self.skipped],
             "near_misses": [{"site": s.site, "reason": s.reason} for s in self.near_misses[:near_miss_limit]],
             "near_miss_count": len(self.near_misses),
             "notes": list(self.notes),
         }
+        if self.loc:
+            d["loc"] = self.loc
+        d.update(self.stats.to_dict())
+        return d
 
 
 class SiteObserver(Protocol):
@@ -96,9 +112,10 @@ class _Ref:
 
 @dataclass
 class _Value:
-    value: object
+    value: torch.Tensor          # as computed (float64)
     slot: str
     dtype: torch.dtype | None
+    stored: torch.Tensor         # as the parameter will hold it (in `dtype`)
 
 
 class _Planner:
@@ -149,11 +166,8 @@ class _Planner:
             return self.plan(arg)
         if isinstance(arg, T.Name) and self.ev.env.get(arg.id) is _FRESH:
             return _Ref(arg.id)
-        if isinstance(arg, T.Name) and isinstance(self.ev.env.get(arg.id), NodeRef) \
-                and self.ev.env[arg.id].node.op != "get_attr":
-            return _Ref(arg.id)
         if isinstance(arg, T.Name) and isinstance(self.ev.env.get(arg.id), NodeRef):
-            return _Ref(arg.id)  # an existing parameter, reused as is
+            return _Ref(arg.id)  # a bound graph value (an existing parameter is reused as is)
         value = self.ev.eval(arg)
         if value is None:
             return None
@@ -165,11 +179,15 @@ class _Planner:
             dtype = get_param(self.gm, inherit.args[index]).dtype
         if not isinstance(value, torch.Tensor):
             value = torch.as_tensor(value, dtype=torch.float64)
-        if not torch.isfinite(value).all():
+        stored = value.to(dtype or torch.float32)
+        if stored.is_floating_point():
+            if not torch.isfinite(stored).all():  # one test on the stored values; the reason only when it fails
+                if not torch.isfinite(value).all():
+                    raise RefuseSite(f"the new `{slot}` has non-finite values")
+                raise RefuseSite(f"the new `{slot}` overflows {dtype} (values up to {value.abs().max().item():.3g})")
+        elif not torch.isfinite(value).all():
             raise RefuseSite(f"the new `{slot}` has non-finite values")
-        if dtype is not None and dtype.is_floating_point and not torch.isfinite(value.to(dtype)).all():
-            raise RefuseSite(f"the new `{slot}` overflows {dtype} (values up to {value.abs().max().item():.3g})")
-        return _Value(value, slot, dtype)
+        return _Value(value, slot, dtype, stored)
 
 
 _PARAM_NAMES = {"w": "weight", "b": "bias"}
@@ -177,8 +195,8 @@ _FRESH = object()  # marks a name a rewrite creates, before its node exists
 
 
 class _Emitter:
-    def __init__(self, gm, env, before: fx.Node, root: fx.Node):
-        self.gm, self.env, self.before, self.root = gm, env, before, root
+    def __init__(self, gm, env, before: fx.Node, root: fx.Node, names: dict | None = None):
+        self.gm, self.env, self.before, self.root, self.names = gm, env, before, root, names
         self.created: list[fx.Node] = []
         self.owner: fx.Node | None = None  # the matched node whose module a new parameter belongs to
         self.owner_op: str = ""
@@ -193,7 +211,7 @@ class _Emitter:
         if isinstance(plan, _Value):
             owner = module_path(self.owner if self.owner is not None else self.before)
             slot = _PARAM_NAMES.get(plan.slot, plan.slot) if self.owner_op in ("linear", "conv") else plan.slot
-            target = new_param(self.gm, f"{owner}.{slot}" if owner else slot, plan.value.to(plan.dtype or torch.float32))
+            target = new_param(self.gm, f"{owner}.{slot}" if owner else slot, plan.stored, self.names)
             with self.gm.graph.inserting_before(self.before):
                 node = self.gm.graph.get_attr(target)
             node.meta["normc_path"] = owner
@@ -243,8 +261,13 @@ def plan_site(gm, rule: T.Rule, match: Match, ctx: EvalContext, params: dict):
     return env, plans
 
 
-def emit_site(gm, match: Match, env: dict, plans, replaced: dict | None = None) -> list[fx.Node]:
+def emit_site(gm, match: Match, env: dict, plans, replaced: dict | None = None, *,
+              names: dict | None = None, stats: "RuleStats | None" = None) -> list[fx.Node]:
+    """Put a planned site into the graph: emit the new nodes, point the readers of each replaced value
+    at its replacement, erase what the site left dead (walking back from the replaced nodes only) and
+    record the new nodes' shapes. Returns the new nodes. `names`: new_param's memo of used suffixes."""
     created = []
+    olds = []
     # new names (`rewrite n = ...` for an n the pattern did not bind) are placed before the
     # first matched value the rewrite replaces
     anchor = next((env[t].node for t, loc, _ in plans if not loc and isinstance(env.get(t), NodeRef)
@@ -255,119 +278,255 @@ def emit_site(gm, match: Match, env: dict, plans, replaced: dict | None = None) 
             scope_env.update(local)
         fresh = target not in match.env and not (local and target in local)
         old = None if fresh else scope_env[target].node
-        emitter = _Emitter(gm, scope_env, anchor if fresh else old, match.root)
+        emitter = _Emitter(gm, scope_env, anchor if fresh else old, match.root, names)
         new = emitter.emit(plan)
         created.extend(emitter.created)
         if fresh:
             env[target] = NodeRef(new)
             continue
-        for k in ("normc_shape", "normc_dtype"):
+        for k in ("normc_shape", "normc_dtype"):  # kept where the new node's own cannot be inferred
             if k in old.meta and k not in new.meta:
                 new.meta[k] = old.meta[k]
         if replaced is not None:
             replaced[old.name] = new.name
         old.replace_all_uses_with(new)
+        olds.append(old)
         # later rewrites that name this value see the new node
         for e in [env] + [loc for _, loc, _ in plans if loc]:
             for k, v in list(e.items()):
                 if isinstance(v, NodeRef) and v.node is old:
                     e[k] = NodeRef(new)
-    gm.graph.eliminate_dead_code()
+    examined = erase_dead(gm.graph, olds + created[::-1])
+    if stats is not None:
+        stats.cleanup += examined
+    created = [n for n in created if live(n)]
+    infer_shapes(gm, created)
     if replaced is not None:  # keep the values the rest of the graph reads: the site's boundary
         inside = set(created)
         by_name = {n.name: n for n in created}
         for old, new in list(replaced.items()):
             node = by_name.get(new)
-            if node is None or getattr(node, "_erased", False) or all(u in inside for u in node.users):
+            if node is None or not live(node) or all(u in inside for u in node.users):
                 del replaced[old]
     return created
 
 
+@dataclass
+class RuleStats:
+    """What the engine did for one rule, counted (the scaling test compares these across graph sizes)."""
+    visited: int = 0        # root-op nodes taken off the worklist
+    rejected: int = 0       # of those, turned away by the early reject (recognizers: no reason needed)
+    attempts: int = 0       # pattern match attempts
+    matches: int = 0        # attempts where the whole pattern (fan-out included) matched
+    sweeps: int = 0         # passes over the worklist: 1, plus one per round of a fixpoint
+    cleanup: int = 0        # nodes examined erasing what sites left dead, plus the final cleanup's
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"attempts": self.attempts, "matches": self.matches, "seconds": round(self.seconds, 4),
+                "work": {"visited": self.visited, "rejected": self.rejected, "sweeps": self.sweeps,
+                         "cleanup": self.cleanup}}
+
+
 def apply_rule(gm: fx.GraphModule, rule: T.Rule, args: dict | None = None, scope: str | None = None,
                ctx: EvalContext | None = None, exclude: set[str] = frozenset(), dry_run: bool = False,
-               max_sweeps: int = 64, observer: "SiteObserver | None" = None) -> RuleReport:
+               max_sweeps: int = 64, observer: "SiteObserver | None" = None, *, explain: bool = True,
+               cleanup: bool = True) -> RuleReport:
     """Apply `rule` everywhere it matches (to a fixpoint) and report every site.
 
-    `observer` (optional) sees each site just before the graph is changed and just after."""
-    ctx = ctx or EvalContext(gm)
-    params = bind_params(rule, args or {})
-    pattern = Pattern(rule)
-    report = RuleReport(rule.qualname or rule.name, rule.kind)
-    source = rule.module.source if rule.module is not None else None
-    refused: dict[fx.Node, SiteRecord] = {}
-    near: dict[fx.Node, SiteRecord] = {}
-    created: set[fx.Node] = set()  # results of this rule: not sites to report when they do not match again
-    start_nodes = len(gm.graph.nodes)
-    for _ in range(max_sweeps):
-        if len(gm.graph.nodes) > 4 * start_nodes + 1000:
-            raise FixpointError(f"rule `{report.name}` keeps growing the graph ({start_nodes} -> "
-                                f"{len(gm.graph.nodes)} nodes): its rewrite produces its own pattern",
-                                "add a guard that is false on the rewritten form")
-        changed = False
-        for node in list(gm.graph.nodes):
-            if getattr(node, "_erased", False) or node in refused:
-                continue
-            m = pattern.match(gm, node)
-            if m is None:
-                continue
-            rec = SiteRecord(site_name(node), node.name, module_path(node), module_type=module_type(node))
-            if isinstance(m, NearMiss):
-                rec.reason = m.reason
-                # deep misses (the pattern's core matched) are refusals worth a line in the report
-                (refused if m.depth >= 2 else near)[node] = rec
-                continue
-            near.pop(node, None)
-            if scope and not fnmatch.fnmatchcase(rec.path, scope):
-                continue
-            reason = None
-            if node.name in exclude:
-                reason = "rolled back: this site failed verification"
-            elif rule.where is not None:
-                reason = _guard(ctx, params, m, rule, source)
-                # a commutative op matched the written way round may satisfy the guard the other way
-                for orient in (pattern.orientations() if reason is not None else []):
-                    other = pattern.match(gm, node, orient)
-                    if isinstance(other, Match) and _guard(ctx, params, other, rule, source) is None:
+    `observer` (optional) sees each site just before the graph is changed and just after.
+    `explain=False` skips the reason for candidates whose direct operands already rule them out
+    (they are not listed as near misses). `cleanup=False` leaves the final cleanup (dead code,
+    unused parameters, recompile) to the caller, who applies several rules in a row."""
+    return _Rewriter(gm, rule, bind_params(rule, args or {}), scope, ctx or EvalContext(gm), exclude,
+                     dry_run, max_sweeps, observer, explain).run(cleanup)
+
+
+class _Rewriter:
+    """One application of a rule. Visits only nodes of the pattern's root op (fx's index by target),
+    in graph order, each once; after a rewritten site, only the nodes that site can have changed
+    (a worklist that emulates the sweeps of a fixpoint without re-visiting the rest)."""
+
+    def __init__(self, gm, rule, params, scope, ctx, exclude, dry_run, max_sweeps, observer, explain):
+        self.gm, self.rule, self.params, self.scope, self.ctx = gm, rule, params, scope, ctx
+        self.exclude, self.dry_run, self.max_sweeps, self.observer, self.explain = \
+            exclude, dry_run, max_sweeps, observer, explain
+        self.pattern = Pattern(rule)
+        self.report = RuleReport(rule.qualname or rule.name, rule.kind, loc=_loc(rule))
+        self.stats = self.report.stats
+        self.source = rule.module.source if rule.module is not None else None
+        self.refused: dict[fx.Node, SiteRecord] = {}
+        self.near: dict[fx.Node, SiteRecord] = {}
+        self.created: set[fx.Node] = set()  # results of this rule: not sites to report when they do not match again
+        self.names: dict[str, int] = {}     # new parameter names used (no rule deletes one before finish)
+        self.now: list[fx.Node] = []        # this sweep's worklist (a heap in graph order)
+        self.later: list[fx.Node] = []      # the next sweep's
+        self.queued: set[fx.Node] = set()
+        self.queued_later: set[fx.Node] = set()
+        self.current: fx.Node | None = None
+
+    def run(self, cleanup: bool) -> RuleReport:
+        t0 = time.perf_counter()
+        saved, self.ctx.param_index = self.ctx.param_index, ParamIndex(self.gm)
+        try:
+            self._sweeps()
+        finally:
+            self.ctx.param_index = saved
+        report = self.report
+        alive = lambda n: live(n) and n not in self.created  # noqa: E731
+        report.skipped = [r for n, r in self.refused.items() if r.reason is not None and alive(n)]
+        report.near_misses = [r for n, r in self.near.items() if alive(n)]
+        if not self.dry_run and report.applied and cleanup:
+            self.stats.cleanup += len(self.gm.graph.nodes)
+            finish(self.gm)
+        self.stats.seconds = time.perf_counter() - t0
+        return report
+
+    # -------------------------------------------------------------- the worklist
+    def _sweeps(self):
+        self.now = self._candidates()
+        self.queued = set(self.now)
+        start_nodes = len(self.gm.graph.nodes)
+        while True:
+            self.stats.sweeps += 1
+            while self.now:
+                node = heapq.heappop(self.now)
+                self.queued.discard(node)
+                if not live(node) or node in self.refused:
+                    continue
+                self.current = node
+                self._visit(node)
+                if len(self.gm.graph.nodes) > 4 * start_nodes + 1000:
+                    raise FixpointError(f"rule `{self.report.name}` keeps growing the graph ({start_nodes} -> "
+                                        f"{len(self.gm.graph.nodes)} nodes): its rewrite produces its own pattern",
+                                        "add a guard that is false on the rewritten form")
+            if not self.later:
+                return
+            if self.stats.sweeps >= self.max_sweeps:
+                raise FixpointError(f"rule `{self.report.name}` still matches after {self.max_sweeps} sweeps: "
+                                    "its rewrite produces its own pattern",
+                                    "add a guard that is false on the rewritten form")
+            self.now, self.later = self.later, []
+            self.queued, self.queued_later = self.queued_later, set()
+            heapq.heapify(self.now)
+
+    def _candidates(self) -> list[fx.Node]:
+        """The nodes calling the pattern's root op, in graph order (a heap)."""
+        nodes = self.gm.graph.find_nodes(op="call_function", target=self.pattern.root_impl)
+        heapq.heapify(nodes)  # fx nodes order by their position in the graph
+        return nodes
+
+    def _push(self, node: fx.Node, new: bool) -> None:
+        """Queue a node a site may have changed: in this sweep when it lies ahead of the current one
+        (as a sweep would reach it), else in the next (new nodes, like a sweep's, wait for the next)."""
+        if not self.pattern.is_candidate(node) or node in self.refused or not live(node):
+            return
+        if not new and self.current < node:
+            if node not in self.queued:
+                self.queued.add(node)
+                heapq.heappush(self.now, node)
+        elif node not in self.queued_later:
+            self.queued_later.add(node)
+            heapq.heappush(self.later, node)
+
+    def _push_affected(self, created: list[fx.Node]) -> None:
+        """The nodes whose match a site can have changed: the new nodes and what reads them, as far
+        below as the pattern reaches (and, for a fan-out, the sources the new users read)."""
+        seen = set(created)
+        ring = list(created)
+        affected = list(created)
+        for _ in range(self.pattern.reach_up):
+            ring = [a for n in ring for a in n.all_input_nodes if a not in seen and not seen.add(a)]
+            affected.extend(ring)
+        ring = list(affected)
+        for _ in range(self.pattern.reach_down):
+            ring = [u for n in ring for u in n.users if u not in seen and not seen.add(u)]
+            affected.extend(ring)
+        created_set = set(created)
+        for n in affected:
+            self._push(n, n in created_set)
+
+    # -------------------------------------------------------------- one candidate
+    def _visit(self, node: fx.Node) -> None:
+        stats = self.stats
+        stats.visited += 1
+        if not self.explain and not self.pattern.may_match(node):
+            stats.rejected += 1
+            return
+        stats.attempts += 1
+        found = self.pattern.matches(self.gm, node)
+        rest = iter(found)
+        m = next(rest, None)
+        rec = SiteRecord(site_name(node), node.name, module_path(node), module_type=module_type(node))
+        if m is None:
+            miss = found.miss
+            rec.reason, rec.status = miss.reason, miss.status
+            (self.refused if miss.refusal else self.near)[node] = rec
+            return
+        stats.matches += 1
+        self.near.pop(node, None)
+        if self.scope and not fnmatch.fnmatchcase(rec.path, self.scope):
+            return
+        decision = self._decide(node, m, rest)
+        if isinstance(decision, NearMiss):
+            rec.reason, rec.status = decision.reason, decision.status
+            self.refused[node] = rec
+            return
+        if self.dry_run:
+            self.refused[node] = rec  # do not visit again
+            self.report.sites.append(rec)
+            self.report.applied += 1
+            return
+        self._commit(rec, *decision)
+
+    def _decide(self, node: fx.Node, m: Match, rest) -> tuple | NearMiss:
+        """The match to rewrite and its plan, or why the site is refused. The guard picks among the
+        matches (a commutative op's operand orders): the first it accepts; else the first match's reason."""
+        if node.name in self.exclude:
+            return NearMiss(node, "rolled back: this site failed verification", 0, MatchStatus.EXCLUDED)
+        if self.rule.where is not None:
+            reason = self._guard(m)
+            if reason is not None:
+                for other in rest:
+                    if self._guard(other) is None:
                         m, reason = other, None
                         break
-            plans = None
-            if reason is None:
-                try:
-                    env, plans = plan_site(gm, rule, m, ctx, params)
-                except RefuseSite as e:
-                    reason = str(e)
-                except (RuntimeError, ValueError, IndexError, TypeError) as e:
-                    err = MathError(f"the rule's math failed here: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                    reason = str(err)
             if reason is not None:
-                rec.reason = reason
-                refused[node] = rec
-                continue
-            if dry_run:
-                refused[node] = rec  # do not visit again
-                report.sites.append(rec)
-                report.applied += 1
-                continue
-            token = observer.site_matched(gm, m, rule) if observer is not None else None
-            new_nodes = emit_site(gm, m, env, plans, rec.replaced)
-            if observer is not None:
-                observer.site_emitted(token, rec, new_nodes)
-            created.update(new_nodes)
-            rec.new_nodes = [n.name for n in new_nodes]
-            report.sites.append(rec)
-            report.applied += 1
-            changed = True
-        if not changed:
-            break
-    else:
-        raise FixpointError(f"rule `{report.name}` still matches after {max_sweeps} sweeps: "
-                            "its rewrite produces its own pattern", "add a guard that is false on the rewritten form")
-    live = lambda n: not getattr(n, "_erased", False) and n not in created  # noqa: E731
-    report.skipped = [r for n, r in refused.items() if r.reason is not None and live(n)]
-    report.near_misses = [r for n, r in near.items() if live(n)]
-    if not dry_run:
-        finish(gm)
-    return report
+                return NearMiss(node, reason, 0, MatchStatus.GUARD)
+        try:
+            env, plans = plan_site(self.gm, self.rule, m, self.ctx, self.params)
+        except RefuseSite as e:
+            return NearMiss(node, str(e), 0, MatchStatus.MATH)
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+            err = MathError(f"the rule's math failed here: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            return NearMiss(node, str(err), 0, MatchStatus.MATH)
+        return m, env, plans
+
+    def _guard(self, m: Match) -> str | None:
+        return _guard(self.ctx, self.params, m, self.rule, self.source)
+
+    def _commit(self, rec: SiteRecord, m: Match, env: dict, plans) -> None:
+        observer = self.observer
+        token = observer.site_matched(self.gm, m, self.rule) if observer is not None else None
+        new_nodes = emit_site(self.gm, m, env, plans, rec.replaced, names=self.names, stats=self.stats)
+        for n in new_nodes:
+            n.meta["normc_rule"] = self.report.name
+            if self.report.loc:
+                n.meta["normc_rule_loc"] = self.report.loc
+            if n.op == "get_attr":
+                self.ctx.param_index.add(n)
+        if observer is not None:
+            observer.site_emitted(token, rec, new_nodes)
+        self.created.update(new_nodes)
+        rec.new_nodes = [n.name for n in new_nodes]
+        self.report.sites.append(rec)
+        self.report.applied += 1
+        self._push_affected(new_nodes)
+
+
+def _loc(rule: T.Rule) -> str:
+    loc = getattr(rule, "loc", None)
+    return f"{loc.file}:{loc.line}" if loc is not None and loc.line else ""
 
 
 def _guard(ctx, params, m: Match, rule: T.Rule, source) -> str | None:
@@ -380,7 +539,8 @@ def _guard(ctx, params, m: Match, rule: T.Rule, source) -> str | None:
 
 
 def finish(gm: fx.GraphModule) -> None:
+    """The one cleanup after a rule: dead code (fx's pass lints the graph first), parameters no node
+    reads any more, the generated code."""
     gm.graph.eliminate_dead_code()
-    gm.graph.lint()
     drop_unused_params(gm)
     gm.recompile()
