@@ -113,8 +113,21 @@ def get_param(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
 def _get_attr(root, target: str):
     obj = root
     for part in target.split("."):
-        obj = getattr(obj, part)
+        obj = _child(obj, part)
     return obj
+
+
+def _child(obj, name: str):
+    """getattr(obj, name), reading an nn.Module's parameter/buffer/submodule tables directly: the
+    plain getattr first fails the normal lookup (an AttributeError inside) before nn.Module's
+    __getattr__ finds them, which makes it the most expensive line of a rewrite."""
+    d = getattr(obj, "__dict__", None)
+    if isinstance(obj, torch.nn.Module) and name not in d:
+        for table in ("_parameters", "_buffers", "_modules"):
+            entries = d.get(table)
+            if entries is not None and name in entries:
+                return entries[name]
+    return getattr(obj, name)
 
 
 def live(node: fx.Node) -> bool:
@@ -130,12 +143,19 @@ def erase_dead(graph: fx.Graph, nodes) -> int:
     while stack:
         node = stack.pop()
         examined += 1
-        if not live(node) or node.users or node.is_impure():
+        if not live(node) or node.users or not _pure(node):
             continue
         inputs = node.all_input_nodes
         graph.erase_node(node)
         stack.extend(inputs)
     return examined
+
+
+def _pure(node: fx.Node) -> bool:
+    """Whether erasing an unread `node` changes nothing (canonical ops and parameters: known pure)."""
+    if node.op == "get_attr" or (node.op == "call_function" and node.target in IMPL_TO_NAME):
+        return True
+    return not node.is_impure()
 
 
 def _storage_key(gm: fx.GraphModule, target: str):
@@ -199,19 +219,26 @@ def new_param(gm: fx.GraphModule, base_name: str, value: torch.Tensor, taken: di
 
     `taken` (name -> last suffix used) lets a caller that creates many parameters without deleting
     any skip the suffixes it already used (the names are the same, found in O(1))."""
-    if not hasattr(gm, PARAM_STORE):
+    if not _has_attr(gm, PARAM_STORE):
         gm.add_module(PARAM_STORE, torch.nn.Module())
-    store = getattr(gm, PARAM_STORE)
+    store = _child(gm, PARAM_STORE)
     name = re.sub(r"[^0-9A-Za-z_]", "_", base_name).strip("_") or "p"
     i = taken.get(name, 1) if taken is not None else 1
     candidate = name if i == 1 else f"{name}_{i}"
-    while hasattr(store, candidate):
+    while _has_attr(store, candidate):
         i += 1
         candidate = f"{name}_{i}"
     if taken is not None:
         taken[name] = i
     store.register_parameter(candidate, torch.nn.Parameter(value.detach().contiguous(), requires_grad=False))
     return f"{PARAM_STORE}.{candidate}"
+
+
+def _has_attr(module: torch.nn.Module, name: str) -> bool:
+    """hasattr(module, name) without nn.Module's failing-lookup path (see _child)."""
+    d = module.__dict__
+    return name in d or any(name in d[t] for t in ("_parameters", "_buffers", "_modules")) \
+        or hasattr(type(module), name)
 
 
 def drop_unused_params(gm: fx.GraphModule) -> None:

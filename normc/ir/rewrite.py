@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import heapq
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -181,7 +182,9 @@ class _Planner:
             value = torch.as_tensor(value, dtype=torch.float64)
         stored = value.to(dtype or torch.float32)
         if stored.is_floating_point():
-            if not torch.isfinite(stored).all():  # one test on the stored values; the reason only when it fails
+            # one reduction: a non-finite value (or a sum past the dtype's range) makes the sum non-finite;
+            # the reason is looked for only then
+            if not math.isfinite(stored.sum(dtype=torch.float64)) and not torch.isfinite(stored).all():
                 if not torch.isfinite(value).all():
                     raise RefuseSite(f"the new `{slot}` has non-finite values")
                 raise RefuseSite(f"the new `{slot}` overflows {dtype} (values up to {value.abs().max().item():.3g})")
@@ -213,7 +216,9 @@ class _Emitter:
             slot = _PARAM_NAMES.get(plan.slot, plan.slot) if self.owner_op in ("linear", "conv") else plan.slot
             target = new_param(self.gm, f"{owner}.{slot}" if owner else slot, plan.stored, self.names)
             with self.gm.graph.inserting_before(self.before):
-                node = self.gm.graph.get_attr(target)
+                # create_node, not get_attr: the target was registered just above, and fx's check
+                # that it exists walks the module tree through its slowest lookups
+                node = self.gm.graph.create_node("get_attr", target)
             node.meta["normc_path"] = owner
             self.created.append(node)
             return node
