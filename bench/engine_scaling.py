@@ -11,10 +11,11 @@ running statistics), four things are timed in one process:
   trace    `torch.fx.symbolic_trace` alone (the floor every fx-based tool pays)
 
 Each round runs the four in a rotated order for every N (a fresh model and graph each time);
-the figures are medians over rounds. Printed: seconds, each one's ratio to fuse, and the log-log
-slope of seconds against N (1.0 = linear). A line starts with WARNING when rounds disagree by
-more than 10 % or a ratio is impossible (the whole run faster than its own rewrite, fuse faster
-than the trace it contains): the machine was too busy for that figure.
+the figures are medians over rounds, in wall-clock and in CPU seconds of the process (one thread:
+the work itself, less inflated by other load on a shared machine). Printed: seconds, each one's
+ratio to fuse, and the log-log slope of seconds against N (1.0 = linear). A line starts with
+WARNING when rounds disagree by more than 10 % or a ratio is impossible (the whole run faster
+than its own rewrite, fuse faster than the trace it contains): that figure is noise.
 
     python bench/engine_scaling.py                     # N = 200 400 800 1600 3200, 3 rounds; ~15 min on 2 cores
     python bench/engine_scaling.py --quick             # N = 100 200 400 800, 2 rounds; ~2 min
@@ -39,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the normc of this checkout, run from anywhere
 BN_FOLD_NC = ROOT / "examples" / "bn_fold.nc"
 COLUMNS = ("rewrite", "apply", "fuse", "trace")
+CLOCKS = {"wall": "wall-clock seconds (medians)",
+          "cpu": "CPU seconds of this process (medians; what other load on a shared machine inflates least)"}
 
 
 def chain(n: int, channels: int = 4, seed: int = 0) -> nn.Sequential:
@@ -75,39 +78,39 @@ class Case:
         std = load_std()
         self.rules = [std.rules[name] for name in std.groups["std.bn"]]
 
-    def run(self, column: str) -> tuple[float, dict]:
-        """Seconds of one `column` operation on a fresh model (and what it did, for the sanity check)."""
+    def run(self, column: str) -> tuple[dict, dict]:
+        """Wall and CPU seconds of one `column` operation on a fresh model (and what it did)."""
         module = chain(self.n)
+        did = {}
         if column == "rewrite":
             from normc.ir.rewrite import apply_rule
             from normc.pipeline import prepare_graph
             gm, _ = prepare_graph(loaded(module, self.x))
-            gc.collect()
-            t0 = time.perf_counter()
-            reports = [apply_rule(gm, rule) for rule in self.rules]
-            seconds = time.perf_counter() - t0
-            return seconds, {"applied": sum(r.applied for r in reports),
-                             "attempts": sum(r.stats.attempts for r in reports)}
-        if column == "apply":
+
+            def work():
+                reports = [apply_rule(gm, rule) for rule in self.rules]
+                did["applied"] = sum(r.applied for r in reports)
+        elif column == "apply":
             import normc.api
             lm = loaded(module, self.x)
-            gc.collect()
-            t0 = time.perf_counter()
-            result = normc.api.apply(self.program, lm)
-            seconds = time.perf_counter() - t0
-            if not result.passed:
-                raise SystemExit(f"bn_fold.nc did not verify at N={self.n}: {result.report['verify']}")
-            return seconds, {"applied": sum(r["applied"] for r in result.report["rules"])}
-        if column == "fuse":
+
+            def work():
+                result = normc.api.apply(self.program, lm)
+                if not result.passed:
+                    raise SystemExit(f"bn_fold.nc did not verify at N={self.n}: {result.report['verify']}")
+                did["applied"] = sum(r["applied"] for r in result.report["rules"])
+        elif column == "fuse":
             from torch.fx.experimental.optimization import fuse
-            gc.collect()
-            t0 = time.perf_counter()
-            fuse(module)
-            return time.perf_counter() - t0, {}
+
+            def work():
+                fuse(module)
+        else:
+            def work():
+                fx.symbolic_trace(module)
         gc.collect()
-        t0 = time.perf_counter()
-        fx.symbolic_trace(module)
-        return time.perf_counter() - t0, {}
+        w0, c0 = time.perf_counter(), time.process_time()
+        work()
+        return {"wall": time.perf_counter() - w0, "cpu": time.process_time() - c0}, did
 
 
 def slope(ns: list[int], seconds: list[float]) -> float:
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
     columns = list(args.columns)
     torch.set_num_threads(args.threads)
     cases = {n: Case(n) for n in ns}
-    times: dict[tuple[int, str], list[float]] = {(n, c): [] for n in ns for c in columns}
+    times = {(clock, n, c): [] for clock in CLOCKS for n in ns for c in columns}
     warnings = []
     print(f"conv->BN chains, N = {' '.join(map(str, ns))}; {rounds} rounds, rotated order; "
           f"{args.threads} thread(s)", flush=True)
@@ -140,44 +143,53 @@ def main(argv=None) -> int:
             order = columns[r % len(columns):] + columns[:r % len(columns)]
             for c in order:
                 seconds, did = cases[n].run(c)
-                times[(n, c)].append(seconds)
+                for clock in CLOCKS:
+                    times[(clock, n, c)].append(seconds[clock])
                 if c in ("rewrite", "apply") and did.get("applied") != n:
                     warnings.append(f"{c} at N={n} folded {did.get('applied')} of {n} pairs")
             print(f"  round {r + 1}/{rounds} N={n}: " + "  ".join(
-                f"{c} {times[(n, c)][-1]:.3f}s" for c in columns), flush=True)
+                f"{c} {times[('wall', n, c)][-1]:.3f}s" for c in columns), flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    for (n, c), v in times.items():
-        if len(v) > 1 and (max(v) - min(v)) > 0.10 * med[(n, c)]:
-            warnings.append(f"{c} at N={n}: rounds disagree by {100 * (max(v) - min(v)) / med[(n, c)]:.0f} % "
-                            f"({', '.join(f'{s:.3f}' for s in v)})")
-    for n in ns:
-        if "rewrite" in columns and "apply" in columns and med[(n, "apply")] < med[(n, "rewrite")]:
-            warnings.append(f"N={n}: the whole run ({med[(n, 'apply')]:.3f}s) is faster than its own rewrite "
-                            f"({med[(n, 'rewrite')]:.3f}s): impossible, the timings are noise")
-        if "fuse" in columns and "trace" in columns and med[(n, "fuse")] < med[(n, "trace")]:
-            warnings.append(f"N={n}: fuse ({med[(n, 'fuse')]:.3f}s) is faster than the trace it contains "
-                            f"({med[(n, 'trace')]:.3f}s): impossible, the timings are noise")
-    head = f"{'N':>6}  " + "  ".join(f"{c + ' s':>10}" for c in columns)
-    if "fuse" in columns:
-        head += "  " + "  ".join(f"{c + '/fuse':>12}" for c in columns if c != "fuse")
-    print("\n" + head)
-    for n in ns:
-        line = f"{n:>6}  " + "  ".join(f"{med[(n, c)]:>10.3f}" for c in columns)
+    slopes = {}
+    for clock in CLOCKS:
+        for n in ns:
+            for c in columns:
+                v, m = times[(clock, n, c)], med[(clock, n, c)]
+                if len(v) > 1 and (max(v) - min(v)) > 0.10 * m:
+                    warnings.append(f"{clock}: {c} at N={n}: rounds disagree by {100 * (max(v) - min(v)) / m:.0f} % "
+                                    f"({', '.join(f'{s:.3f}' for s in v)})")
+            if "rewrite" in columns and "apply" in columns and med[(clock, n, "apply")] < med[(clock, n, "rewrite")]:
+                warnings.append(f"{clock}: N={n}: the whole run ({med[(clock, n, 'apply')]:.3f}s) is faster than "
+                                f"its own rewrite ({med[(clock, n, 'rewrite')]:.3f}s): impossible, the timings are noise")
+            if "fuse" in columns and "trace" in columns and med[(clock, n, "fuse")] < med[(clock, n, "trace")]:
+                warnings.append(f"{clock}: N={n}: fuse ({med[(clock, n, 'fuse')]:.3f}s) is faster than the trace it "
+                                f"contains ({med[(clock, n, 'trace')]:.3f}s): impossible, the timings are noise")
+        print(f"\n{CLOCKS[clock]}")
+        head = f"{'N':>6}  " + "  ".join(f"{c + ' s':>10}" for c in columns)
         if "fuse" in columns:
-            line += "  " + "  ".join(f"{med[(n, c)] / med[(n, 'fuse')]:>12.2f}" for c in columns if c != "fuse")
-        print(line)
-    slopes = {c: slope(ns, [med[(n, c)] for n in ns]) for c in columns} if len(ns) > 1 else {}
-    if slopes:
-        print(f"{'slope':>6}  " + "  ".join(f"{slopes[c]:>10.2f}" for c in columns)
-              + f"   (log-log, N = {ns[0]}..{ns[-1]})")
+            head += "  " + "  ".join(f"{c + '/fuse':>12}" for c in columns if c != "fuse")
+        print(head)
+        for n in ns:
+            line = f"{n:>6}  " + "  ".join(f"{med[(clock, n, c)]:>10.3f}" for c in columns)
+            if "fuse" in columns:
+                line += "  " + "  ".join(f"{med[(clock, n, c)] / med[(clock, n, 'fuse')]:>12.2f}"
+                                         for c in columns if c != "fuse")
+            print(line)
+        if len(ns) > 1:
+            slopes[clock] = {c: slope(ns, [med[(clock, n, c)] for n in ns]) for c in columns}
+            print(f"{'slope':>6}  " + "  ".join(f"{slopes[clock][c]:>10.2f}" for c in columns)
+                  + f"   (log-log, N = {ns[0]}..{ns[-1]})")
+    print()
     for w in warnings:
         print(f"WARNING: {w}")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "n": ns, "rounds": rounds, "threads": args.threads,
-            "seconds": {c: {str(n): times[(n, c)] for n in ns} for c in columns},
-            "median": {c: {str(n): med[(n, c)] for n in ns} for c in columns},
-            "slope": slopes, "warnings": warnings}, indent=1))
+        from normc.atomic import atomic_path
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps({
+                "n": ns, "rounds": rounds, "threads": args.threads,
+                "seconds": {clock: {c: {str(n): times[(clock, n, c)] for n in ns} for c in columns} for clock in CLOCKS},
+                "median": {clock: {c: {str(n): med[(clock, n, c)] for n in ns} for c in columns} for clock in CLOCKS},
+                "slope": slopes, "warnings": warnings}, indent=1))
     return 0
 
 
