@@ -8,6 +8,7 @@ rules in the language (`normc/passes/std/recognize.nc`).
 """
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -430,13 +431,19 @@ def run_recognizers(gm: fx.GraphModule) -> int:
 
     Costs next to nothing where nothing matches: candidates come from fx's index by op, the ops of
     their operands reject most at a glance (no near-miss reasons are built: nobody reads them), and
-    the cleanup (dead code, unused parameters, recompile) runs once, only when something changed."""
-    from ..grammar.loader import load_std
+    the cleanup (dead code, unused parameters, recompile) runs once, only when something changed.
+    The rules are parsed once per process."""
     from .rewrite import apply_rule, finish
-    program = load_std()
     applied = 0
-    for name in program.groups.get("std.recognize", []):
-        applied += apply_rule(gm, program.rules[name], explain=False, cleanup=False).applied
+    for rule in _recognizers():
+        applied += apply_rule(gm, rule, explain=False, cleanup=False).applied
     if applied:
         finish(gm)
     return applied
+
+
+@functools.lru_cache(maxsize=1)
+def _recognizers() -> tuple:
+    from ..grammar.loader import load_std
+    program = load_std()
+    return tuple(program.rules[name] for name in program.groups.get("std.recognize", []))

@@ -104,7 +104,7 @@ class Evaluator:
         raise TypeError(op)
 
     def _call(self, e: T.Call):
-        red = FANOUT_REDUCTION.fullmatch(e.func)
+        red = FANOUT_REDUCTION.fullmatch(e.func) if self.each else None  # max_u(...) needs a fan-out
         if red and red.group(2) in self.each and e.func not in BUILTINS:
             return self._reduce_fanout(red.group(1), self.each[red.group(2)], e.args[0])
         fn = BUILTINS[e.func]

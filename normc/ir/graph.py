@@ -158,12 +158,15 @@ def _pure(node: fx.Node) -> bool:
     return not node.is_impure()
 
 
-def _storage_key(gm: fx.GraphModule, target: str):
-    """What identifies the memory a parameter reads (tied weights share it); None for no tensor memory."""
-    try:
-        t = _get_attr(gm, target)
-    except AttributeError:
-        return None
+def _storage_key(gm: fx.GraphModule, target: str, tensors: dict | None = None):
+    """What identifies the memory a parameter reads (tied weights share it); None for no tensor memory.
+    `tensors`: the module's parameters and buffers by name, when the caller has them."""
+    t = tensors.get(target) if tensors is not None else None
+    if t is None:
+        try:
+            t = _get_attr(gm, target)
+        except AttributeError:
+            return None
     if not isinstance(t, torch.Tensor) or not t.numel() or t.device.type == "meta":
         return None
     return t.untyped_storage().data_ptr()
@@ -183,16 +186,19 @@ class ParamIndex:
 
     def _build(self) -> None:
         self._built = True
+        # one walk of the module's tables instead of a dotted lookup per get_attr node
+        tensors = dict(self.gm.named_parameters(remove_duplicate=False))
+        tensors.update(self.gm.named_buffers(remove_duplicate=False))
         for node in self.gm.graph.find_nodes(op="get_attr"):
-            self.add(node)
+            self.add(node, tensors)
 
-    def add(self, node: fx.Node) -> None:
+    def add(self, node: fx.Node, tensors: dict | None = None) -> None:
         if not self._built:
             return  # the build will find it
         target = node.target
         self._by_target.setdefault(target, []).append(node)
         if target not in self._key:
-            key = self._key[target] = _storage_key(self.gm, target)
+            key = self._key[target] = _storage_key(self.gm, target, tensors)
             if key is not None:
                 self._by_storage.setdefault(key, {})[target] = None
 
