@@ -8,8 +8,8 @@ for one operand order of a commutative op can try the next (the guard picks the 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch.fx as fx
 
@@ -176,7 +176,7 @@ class Pattern:
         return all(index < len(args) and isinstance(args[index], fx.Node) and args[index].target is impl
                    for index, impl in self._early)
 
-    def matches(self, gm: fx.GraphModule, node: fx.Node) -> "Matches":
+    def matches(self, gm: fx.GraphModule, node: fx.Node) -> Matches:
         """Every full match at `node`, found lazily; `.miss` says why there was none."""
         return Matches(self, gm, node)
 
@@ -224,7 +224,7 @@ class Matches:
 
 class _State:
     """One search: the bindings so far (undone on backtracking) and the first failure seen."""
-    __slots__ = ("gm", "env", "trail", "op_nodes", "fail")
+    __slots__ = ("env", "fail", "gm", "op_nodes", "trail")
 
     def __init__(self, gm, env=None):
         self.gm = gm

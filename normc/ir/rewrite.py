@@ -25,8 +25,18 @@ from ..errors import NormcError
 from ..grammar import syntax_tree as T
 from .builtins import EvalContext, NodeRef, RefuseSite
 from .evaluate import Evaluator
-from .graph import (ParamIndex, drop_unused_params, erase_dead, get_param, infer_shapes, live, module_path,
-                    module_type, new_param, site_name)
+from .graph import (
+    ParamIndex,
+    drop_unused_params,
+    erase_dead,
+    get_param,
+    infer_shapes,
+    live,
+    module_path,
+    module_type,
+    new_param,
+    site_name,
+)
 from .graph import op_name as op_name_of
 from .match import Match, MatchStatus, NearMiss, Pattern
 from .ops import schema_for
@@ -54,7 +64,7 @@ class RuleReport:
     near_misses: list[SiteRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     loc: str = ""  # the rule's `.nc` file:line
-    stats: "RuleStats" = field(default_factory=lambda: RuleStats())
+    stats: RuleStats = field(default_factory=lambda: RuleStats())
 
     def to_dict(self, near_miss_limit: int = 50) -> dict:
         d = {
@@ -267,7 +277,7 @@ def plan_site(gm, rule: T.Rule, match: Match, ctx: EvalContext, params: dict):
 
 
 def emit_site(gm, match: Match, env: dict, plans, replaced: dict | None = None, *,
-              names: dict | None = None, stats: "RuleStats | None" = None) -> list[fx.Node]:
+              names: dict | None = None, stats: RuleStats | None = None) -> list[fx.Node]:
     """Put a planned site into the graph: emit the new nodes, point the readers of each replaced value
     at its replacement, erase what the site left dead (walking back from the replaced nodes only) and
     record the new nodes' shapes. Returns the new nodes. `names`: new_param's memo of used suffixes."""
@@ -378,7 +388,8 @@ class _Rewriter:
         finally:
             self.ctx.param_index = saved
         report = self.report
-        alive = lambda n: live(n) and n not in self.created  # noqa: E731
+        def alive(n):
+            return live(n) and n not in self.created
         report.skipped = [r for n, r in self.refused.items() if r.reason is not None and alive(n)]
         report.near_misses = [r for n, r in self.near.items() if alive(n)]
         if not self.dry_run and report.applied and cleanup:
