@@ -182,6 +182,19 @@ def _aten_embedding(a, k):  # aten.embedding(weight, indices, padding_idx=-1, ..
     return "embedding", [a[1], a[0]], dict(padding_idx=None if pad == -1 else pad)
 
 
+def _aten_index_select(a, k):  # aten.index_select(table, 0, ids): rows of a table (XGLM's sinusoidal positions)
+    if len(a) == 3 and a[1] == 0 and isinstance(a[0], fx.Node) and a[0].op == "get_attr":
+        return "embedding", [a[2], a[0]], dict(padding_idx=None)
+    return None
+
+
+def _aten_index(a, k):  # aten.index(table, [ids]): table[ids]
+    if len(a) == 2 and isinstance(a[0], fx.Node) and a[0].op == "get_attr" and isinstance(a[1], (list, tuple)) \
+            and len(a[1]) == 1 and isinstance(a[1][0], fx.Node):
+        return "embedding", [a[1][0], a[0]], dict(padding_idx=None)
+    return None
+
+
 def _binary(name):
     def convert(a, k):
         if _arg(a, k, 2, "alpha", 1) != 1 or len(a) < 2:
@@ -222,6 +235,10 @@ def _to_copy(a, k):
     if set(k) - {"dtype"} or len(a) > 1:
         return None
     return "cast", [a[0]], dict(dtype=k.get("dtype"))
+
+
+def _type_as(a, k):  # x.type_as(other): a cast to other's dtype (a constant once dtypes are known)
+    return ("cast", [a[0]], {"dtype": a[1]}) if len(a) == 2 and not k and isinstance(a[1], fx.Node) else None
 
 
 def _identity(a, k):
@@ -279,7 +296,8 @@ def _method_to(a, k):
 
 _METHODS = {"to": _method_to, "float": lambda a, k: ("cast", [a[0]], {"dtype": torch.float32}) if len(a) == 1 and not k else None,
             "pow": _pow, "rsqrt": _unary("inv_sqrt"), "mean": _mean, "add": _binary("add"), "sub": _binary("sub"), "mul": _binary("mul"), "div": _binary("div"),
-            "matmul": _binary("matmul"), "relu": _unary("relu"), "sigmoid": _unary("sigmoid"),
+            "matmul": _binary("matmul"), "relu": _unary("relu"), "sigmoid": _unary("sigmoid"), "type_as": _type_as,
+            "detach": lambda a, k: ("identity", [a[0]], {}) if len(a) == 1 and not k else None,
             "tanh": _unary("tanh"), "softmax": _softmax}
 
 _ATEN = {
@@ -292,7 +310,8 @@ _ATEN = {
     "add": _binary("add"), "sub": _binary("sub"), "mul": _binary("mul"), "div": _binary("div"),
     "matmul": _binary("matmul"), "relu": _unary("relu"), "gelu": _gelu, "silu": _unary("silu"),
     "tanh": _unary("tanh"), "sigmoid": _unary("sigmoid"), "softmax": _softmax, "_softmax": _softmax,
-    "dropout": _dropout, "alias": _identity, "clone": _clone, "mean": _mean, "pow": _pow, "rsqrt": _unary("inv_sqrt"), "_to_copy": _to_copy,
+    "dropout": _dropout, "alias": _identity, "detach": _identity, "type_as": _type_as,
+    "index_select": _aten_index_select, "index": _aten_index, "clone": _clone, "mean": _mean, "pow": _pow, "rsqrt": _unary("inv_sqrt"), "_to_copy": _to_copy,
 }
 # ops that return a tuple whose first element is the result (the others are saved statistics)
 _TUPLE_RESULT = {"_native_batch_norm_legit_no_training", "_native_batch_norm_legit", "native_layer_norm"}
@@ -313,6 +332,25 @@ def _translate(gm: fx.GraphModule, node: fx.Node):
                 return None  # in-place variant: not ours to move
             return _ATEN[base](node.args, node.kwargs)
     return None
+
+
+def _is_table(gm, node) -> bool:
+    """A 2-d floating parameter or buffer: what an embedding looks rows up in."""
+    from .graph import get_param
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return False
+    try:
+        t = get_param(gm, node)
+    except AttributeError:
+        return False
+    return isinstance(t, torch.Tensor) and t.dim() == 2 and t.is_floating_point()
+
+
+def _integer_ids(node) -> bool:
+    """Row indices (not a boolean mask), where the traced value says so."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    dtype = getattr(val, "dtype", None)
+    return dtype is None or not (dtype.is_floating_point or dtype == torch.bool)
 
 
 def _conv_attrs(gm, w, attrs):
@@ -472,6 +510,8 @@ def canonicalize(gm: fx.GraphModule, recognize: bool = True) -> fx.GraphModule:
         if translated is None:
             continue
         name, operands, attrs = translated
+        if name == "embedding" and not (_is_table(gm, operands[1]) and _integer_ids(operands[0])):
+            continue
         if name == "identity":
             node.replace_all_uses_with(operands[0])
             graph.erase_node(node)
@@ -512,8 +552,8 @@ def drop_noop_casts(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is ops.cast:
             src, dtype = node.args[0], node.kwargs.get("dtype")
-            if isinstance(dtype, fx.Node):  # `.to(v.dtype)`: the dtype v had when traced
-                dtype = dtype.args[0].meta.get("normc_dtype") if isinstance(dtype.args[0], fx.Node) else None
+            if isinstance(dtype, fx.Node):  # `.to(v.dtype)` or `.type_as(v)`: the dtype v had when traced
+                dtype = _traced_dtype(dtype)
             if isinstance(src, fx.Node) and src.meta.get("normc_dtype") is not None \
                     and src.meta.get("normc_dtype") == dtype:
                 node.replace_all_uses_with(src)
@@ -522,6 +562,13 @@ def drop_noop_casts(gm: fx.GraphModule) -> int:
     if n:
         gm.recompile()
     return n
+
+
+def _traced_dtype(node: fx.Node):
+    """The dtype a cast's `dtype` operand stood for when traced: `v.dtype` or a tensor `v` (`type_as`)."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] == "dtype":
+        node = node.args[0]
+    return node.meta.get("normc_dtype") if isinstance(node, fx.Node) else None
 
 
 def resolve_with_shapes(gm: fx.GraphModule) -> None:
@@ -560,10 +607,11 @@ def _shape_value(node):
             return None
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         return shape if dim is None else shape[int(dim)]
-    if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2:
+    if node.op == "call_function" and node.target in (operator.getitem, ops.getitem) and node.args:
         base = _shape_value(node.args[0])
-        if isinstance(base, tuple) and isinstance(node.args[1], (int, slice)):
-            return base[node.args[1]]
+        index = node.args[1] if node.target is operator.getitem and len(node.args) == 2 else node.kwargs.get("index")
+        if isinstance(base, tuple) and isinstance(index, (int, slice)):
+            return base[index]
     return None
 
 
@@ -600,6 +648,12 @@ def _static_fact(node):
 def _fold_static_facts(gm: fx.GraphModule) -> int:
     n = 0
     for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is ops.cast and isinstance(node.kwargs.get("dtype"), fx.Node):
+            dtype = _traced_dtype(node.kwargs["dtype"])  # `.to(v.dtype)`, `.type_as(v)`: fixed by tracing
+            if isinstance(dtype, torch.dtype):
+                node.kwargs = {**node.kwargs, "dtype": dtype}
+                n += 1
+            continue
         if node.op not in ("call_function", "call_method"):
             continue
         known, value = _static_fact(node)

@@ -215,56 +215,74 @@ def output_names(gm: fx.GraphModule) -> dict:
     out = next((n for n in gm.graph.nodes if n.op == "output"), None)
     if out is None:
         return {}
-    leaves, _ = pytree.tree_flatten(out.args[0])
-    names = [f"output {i}" for i in range(len(leaves))]
-    spec = getattr(gm, "_out_spec", None)
+    paths, _ = pytree.tree_flatten_with_path(out.args[0])  # dicts and named tuples of a symbolic trace
+    leaves = [leaf for _, leaf in paths]
+    names = [pytree.keystr(p).strip("[]'\".") or f"output {i}" for i, (p, _) in enumerate(paths)]
+    spec = getattr(gm, "_out_spec", None)  # torch.export: a flat tuple, the structure (ModelOutput) kept aside
     if spec is not None and spec.num_leaves == len(leaves):
         try:
-            paths, _ = pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(len(leaves))), spec))
-            names = [pytree.keystr(p).strip("[]'\".") or names[i] for i, (p, _) in enumerate(paths)]
+            nested, _ = pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(len(leaves))), spec))
+            names = [pytree.keystr(p).strip("[]'\".") or names[i] for i, (p, _) in enumerate(nested)]
         except Exception:  # noqa: BLE001 - a name is a courtesy: fall back to the position
             pass
+    names = [n if not n.isdigit() else f"output {n}" for n in names]
     return {leaf: name for leaf, name in zip(leaves, names) if isinstance(leaf, fx.Node)}
 
 
 def _check_users(gm, stream: _Stream, reader_set: set) -> None:
     values = set(stream.adds) | {w for w, *_ in stream.writers if isinstance(w, fx.Node) and w.op != "get_attr"}
     outputs = None
+
+    def raw_output(v):
+        nonlocal outputs
+        outputs = outputs if outputs is not None else output_names(gm)
+        return Refuse(f"the model output `{outputs.get(v, 'output')}` is the residual stream itself "
+                      f"(`{site_name(v)}`, not normed): centring the stream would change it; "
+                      "convert only models whose outputs are read through a LayerNorm")
+
     for v in values:
         for u in _value_users(v):
             if u in stream.adds or u in reader_set:
                 continue
             if u.op == "output":
-                outputs = outputs if outputs is not None else output_names(gm)
-                raise Refuse(f"the model output `{outputs.get(v, 'output')}` is the residual stream itself "
-                             f"(`{site_name(v)}`, not normed): centring the stream would change it; "
-                             "convert only models whose outputs are read through a LayerNorm")
+                raise raw_output(v)
             if op_name(u) == "layer_norm":
                 raise Refuse(f"LayerNorm `{site_name(u)}` reads the stream but is out of scope: "
                              "convert the whole stream (drop `on`) or widen the scope")
             if _is_add(u) or _carries(u, stream.axis.get(v, (_rank(v) or 1) - 1)):
-                beyond = _readers_downstream(u)
-                named = ", ".join(f"`{site_name(n)}`" for n in beyond[:3]) or f"`{site_name(u)}`"
-                raise Refuse(f"the residual stream goes on past the LayerNorms in scope to {named}, out of scope: "
-                             "convert the whole stream (drop `on`) or widen the scope")
+                # the stream goes on past its last reader: to LayerNorms out of scope, or to something else
+                norms, end = _downstream(u)
+                if norms:
+                    named = ", ".join(f"`{site_name(n)}`" for n in norms[:3])
+                    raise Refuse(f"the residual stream goes on past the LayerNorms in scope to {named}, out of "
+                                 "scope: convert the whole stream (drop `on`) or widen the scope")
+                if end is not None and end[1].op == "output":
+                    raise raw_output(end[0])
+                if end is not None:
+                    raise Refuse(f"the residual stream value `{site_name(end[0])}` is also read by "
+                                 f"{op_name(end[1])} `{site_name(end[1])}`, which is not a LayerNorm")
+                continue
             raise Refuse(f"the residual stream value `{site_name(v)}` is also read by {op_name(u)} "
                          f"`{site_name(u)}`, which is not a LayerNorm")
 
 
-def _readers_downstream(start: fx.Node) -> list:
-    """LayerNorms the stream reaches from `start`, following adds and stream-carrying ops."""
-    found, todo, seen = [], [start], set()
+def _downstream(start: fx.Node) -> tuple[list, tuple | None]:
+    """Where the stream goes from `start` (following adds and stream-carrying ops): the LayerNorms it reaches,
+    and the first (value, reader) that is neither (a model output, a linear...)."""
+    found, end, todo, seen = [], None, [start], set()
     while todo:
         n = todo.pop()
         if n in seen:
             continue
         seen.add(n)
-        for u in n.users:
+        for u in _value_users(n):
             if op_name(u) == "layer_norm":
                 found.append(u)
             elif _is_add(u) or op_name(u) in ("reshape", "permute", "transpose", "contiguous", "cast", "getitem"):
                 todo.append(u)
-    return found
+            elif end is None:
+                end = (n, u)
+    return found, end
 
 
 # ------------------------------------------------------------------ norms written into the stream

@@ -29,22 +29,23 @@ rule rms_norm_chain_upcast {
   match   up = cast(x)
           v = reduce_mean(power(up, exponent = 2), dim = d, keepdim = true)
           y = cast(mul(x, inv_sqrt(add(v, eps))))
-  where   d == [-1] and is_number(eps) and (dtype(x) == f16 or dtype(x) == bf16) and dtype(up) == f32
-          and dtype(mul) == f32 and dtype(y) == dtype(x)
+  where   d == [-1] and is_number(eps) and precision(up) >= precision(x) and dtype(mul) == dtype(up)
+          and dtype(y) == dtype(x)
   rewrite y = rms_norm(x, normalized_shape = [size(x, -1)], eps = eps)
 }
 
 # A norm that upcasts (`x.to(float32)` inside: LLaMA, OLMo, Phi-3, Mistral in f16/bf16) computes in float32
-# and casts back: exactly what torch's own norm kernels do for f16/bf16 inputs, so the widening casts go.
-# (In a float64 model the cast to float32 narrows: it changes the numbers and stays.)
+# and casts back: exactly what torch's own norm kernels do for f16/bf16 inputs, so the widening casts go
+# (`precision(up) >= precision(x)`). In a float64 model the cast to float32 narrows: it changes the numbers,
+# so it stays (and the norm stays a norm over a float32 value).
 rule rms_norm_upcast {
-  doc "cast(rms_norm(cast(x, f32)), dtype(x)) for an f16/bf16 x is rms_norm(x) (torch computes it in float32)"
+  doc "cast(rms_norm(cast(x, f32)), dtype(x)) for an f16/bf16 x is rms_norm(x) (torch computes it in float32); never a narrowing cast"
   exact
   match   up = cast(x)
           n = rms_norm(up, g?, normalized_shape = ns)
           y = cast(n)
-  where   not present(g) and single_use(up) and single_use(n) and dtype(up) == f32
-          and (dtype(x) == f16 or dtype(x) == bf16) and dtype(y) == dtype(x)
+  where   not present(g) and single_use(up) and single_use(n) and precision(up) >= precision(x)
+          and dtype(y) == dtype(x)
   rewrite y = rms_norm(x)
 }
 
@@ -54,8 +55,9 @@ rule rms_norm_upcast_weight {
   match   up = cast(x)
           n = rms_norm(up, g?, normalized_shape = ns)
           y = cast(mul(n, w))
-  where   not present(g) and single_use(up) and single_use(n) and dtype(up) == f32 and is_param(w)
-          and rank(w) == 1 and dtype(w) == dtype(x) and (dtype(x) == f16 or dtype(x) == bf16) and dtype(y) == dtype(x)
+  where   not present(g) and single_use(up) and single_use(n) and precision(up) >= precision(x) and is_param(w)
+          and rank(w) == 1 and len(ns) == 1 and size(w, 0) == size(x, -1) and dtype(w) == dtype(x)
+          and dtype(y) == dtype(x)
   rewrite y = rms_norm(x, w)
 }
 
@@ -65,8 +67,8 @@ rule layer_norm_upcast {
   match   up = cast(x)
           n = layer_norm(up, g?, b?, normalized_shape = ns)
           y = cast(n)
-  where   not present(g) and not present(b) and single_use(up) and single_use(n) and dtype(up) == f32
-          and (dtype(x) == f16 or dtype(x) == bf16) and dtype(y) == dtype(x)
+  where   not present(g) and not present(b) and single_use(up) and single_use(n)
+          and precision(up) >= precision(x) and dtype(y) == dtype(x)
   rewrite y = layer_norm(x)
 }
 
