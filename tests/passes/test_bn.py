@@ -25,7 +25,6 @@ pipeline {
   verify dtype f64 rel 1e-12
 }
 """
-FORMS = pytest.mark.parametrize("export", [False, True], ids=["fx", "export"])
 
 
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -68,11 +67,13 @@ class Up(nn.Module):
         return F.relu(self.bn(self.up(x)))
 
 
-CASES = [(1, 1, True), (2, 1, False), (2, 2, True), (3, 2, False), (2, 4, True)]
+# (rank, groups, bias, through torch.export): aten.conv_transpose*/convolution(transposed) and nn modules
+CASES = [(1, 1, True, False), (2, 1, False, False), (2, 2, True, False), (3, 2, False, False), (2, 4, True, False),
+         (2, 2, True, True), (3, 2, False, True)]
 
 
-@FORMS
-@pytest.mark.parametrize("rank, groups, bias", CASES, ids=[f"{r}d-g{g}-{'b' if b else 'nob'}" for r, g, b in CASES])
+@pytest.mark.parametrize("rank, groups, bias, export", CASES, ids=[
+    f"{r}d-g{g}-{'b' if b else 'nob'}-{'export' if e else 'fx'}" for r, g, b, e in CASES])
 def test_conv_transpose_bn_folds_exactly(rank, groups, bias, export):
     cin, cout = 4, 8 if groups == 4 else 6
     x = torch.randn(2, cin, *([5] * rank), generator=torch.Generator().manual_seed(1))

@@ -324,8 +324,8 @@ class GemmaRMS(nn.Module):
 UPCAST = [(HFLlamaRMS, "rms_norm"), (OlmoLN, "layer_norm"), (T5LN, "rms_norm"), (Olmo2RMS, "rms_norm")]
 
 
-@FORMS
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("dtype, export", [(torch.float32, False), (torch.float16, False), (torch.bfloat16, False),
+                                           (torch.float16, True)], ids=["f32-fx", "f16-fx", "bf16-fx", "f16-export"])
 @pytest.mark.parametrize("cls, op", UPCAST, ids=[c.__name__ for c, _ in UPCAST])
 def test_a_widening_cast_inside_a_norm_is_seen_through(canonical, cls, op, dtype, export):
     """f16/bf16 norms computed in float32 are what torch's own norms compute: one node, no cast left."""
