@@ -637,9 +637,6 @@ def to_rmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_run
 
 
 def _describe(stream: _Stream) -> str:
-    kinds = {}
-    for a in stream.actions:
-        kinds[a.kind] = kinds.get(a.kind, 0) + 1
     scaled = f", {len(stream.bypass)} per-channel scales folded" if stream.bypass else ""
     return (f"{len(stream.readers)} LayerNorms, {len(stream.actions)} writers{scaled} "
             f"(last: {site_name(stream.readers[-1])})")
