@@ -104,11 +104,22 @@ def _shape(ctx, v):
 
 
 # ------------------------------------------------------------------ guards
+def _describe_reader(u: fx.Node) -> str:
+    if u.op == "output":
+        return "the model output"
+    from .canonicalize import reads_shape_only
+    what = f"{op_name(u) or u.op} `{site_name(u)}`"
+    return what + (" (reads its shape)" if reads_shape_only(u) else "")
+
+
 def _single_use(ctx, v):
     n = _node(v, "single_use")
-    k = len(n.users)
+    users = list(n.users)
     what = f"{op_name(n) or n.op} `{module_path(n) or n.name}` output"
-    return Guard(k == 1, why_false=f"{what} has {k} users", why_true=f"{what} has one user")
+    if len(users) == 1:
+        return Guard(True, why_true=f"{what} has one user")
+    named = ", ".join(_describe_reader(u) for u in users[:4]) + (", ..." if len(users) > 4 else "")
+    return Guard(False, why_false=f"{what} has {len(users)} users: {named}" if users else f"{what} is not read")
 
 
 def _shared(ctx, v):
@@ -124,6 +135,15 @@ def _shared(ctx, v):
 
 def _present(ctx, v):
     return Guard(v is not None, "an optional operand is absent", "an optional operand is present")
+
+
+def _has_affine(ctx, v):
+    """A norm with a gain or a shift to fold (OLMo's LayerNorm has neither)."""
+    n = _node(v, "has_affine")
+    args = list(n.args) + [None] * 3
+    ok = args[1] is not None or (op_name(n) != "rms_norm" and args[2] is not None)
+    where = f"{op_name(n)} `{site_name(n)}`"
+    return Guard(ok, f"{where} has no affine to fold (no weight, no bias)", f"{where} has an affine")
 
 
 def _is_param(ctx, v):
@@ -157,6 +177,12 @@ def _all_zero(ctx, v):
     return Guard(ok, f"{tuple(vals)} is not all zero", f"{tuple(vals)} is all zero")
 
 
+def _len(ctx, v):
+    if isinstance(v, (NodeRef, fx.Node)):
+        raise RefuseSite("the attribute is computed at run time (e.g. a shape read from a tensor), not a constant")
+    return len(v) if isinstance(v, (list, tuple)) else (0 if v is None else 1)
+
+
 def _keeps_last_dim(ctx, index, v):
     ok = index_keeps_last_dim(index, len(_shape(ctx, v)))
     return Guard(ok, f"index {index!r} takes part of the last dim or moves it", f"index {index!r} keeps the last dim")
@@ -173,6 +199,21 @@ def _dtype(ctx, v):
     else:
         dt = ctx.tensor(v).dtype
     return DTYPE_BY_TORCH.get(dt, str(dt))
+
+
+_PRECISION = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
+
+
+def _precision(ctx, v):
+    """Significand bits of a value's dtype (f64 53, f32 24, f16 11, bf16 8; 0 for integers)."""
+    if isinstance(v, NodeRef):
+        n = v.node
+        dt = get_param(ctx.gm, n).dtype if n.op == "get_attr" else n.meta.get("normc_dtype")
+    else:
+        dt = ctx.tensor(v).dtype
+    if dt is None:
+        raise RefuseSite("the dtype of the value is unknown")
+    return _PRECISION.get(dt, 0)
 
 
 def _users(ctx, v):
@@ -223,13 +264,26 @@ def _stat(kind):
     return stat
 
 
-def _bcast(ctx, s, like, dim=0):
-    """Reshape a vector so it broadcasts along `dim` of `like` (w * bcast(s, w, 0) scales output channels)."""
+def _bcast(ctx, s, like, dim=0, groups=1):
+    """Reshape a vector so it broadcasts along `dim` of `like` (w * bcast(s, w, 0) scales output channels).
+    With `groups` > 1, `like` is a grouped weight whose dim 0 holds the groups one after another and `s` has
+    groups × size(like, dim) entries, group-major: a transposed conv weight [in, out/groups, k...] scaled per
+    output channel is w * bcast(s, w, 1, groups = g)."""
     s = _t(ctx, s)
-    rank = len(_shape(ctx, like))
+    shape_like = _shape(ctx, like)
+    rank, dim, groups = len(shape_like), int(dim), int(groups)
     shape = [1] * rank
-    shape[int(dim)] = -1
-    return s.reshape(shape)
+    shape[dim] = -1
+    if groups == 1:
+        return s.reshape(shape)
+    if dim == 0 or shape_like[0] % groups or s.numel() != groups * shape_like[dim]:
+        raise RefuseSite(f"bcast: {s.numel()} values do not split into {groups} groups of dim {dim} of a "
+                         f"{list(shape_like)} tensor")
+    per_group = shape_like[0] // groups  # rows of dim 0 in each group
+    grid = s.reshape(groups, 1, shape_like[dim]).expand(groups, per_group, shape_like[dim])
+    out = [shape_like[0]] + [1] * (rank - 1)
+    out[dim] = shape_like[dim]
+    return grid.reshape(shape_like[0], shape_like[dim]).reshape(out)
 
 
 def _reshape(ctx, x, shape):
@@ -270,6 +324,7 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     _b("single_use", 1, 1, "bool", _single_use, doc="the value has exactly one user", guard=True),
     _b("shared", 1, 1, "bool", _shared, doc="the parameter is read by more than one call site", guard=True),
     _b("present", 1, 1, "bool", _present, doc="an optional operand is present", guard=True),
+    _b("has_affine", 1, 1, "bool", _has_affine, doc="a norm has a gain or a shift (something to fold)", guard=True),
     _b("is_param", 1, 1, "bool", _is_param, doc="the value is a parameter (known at compile time)", guard=True),
     _b("frozen_stats", 1, 1, "bool", _frozen_stats, doc="a batch_norm uses running statistics (eval mode)", guard=True),
     _b("glob", 2, 2, "bool", _glob, doc="a string (or a value's module path) matches a glob", guard=True),
@@ -277,14 +332,14 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     _b("is_number", 1, 1, "bool", lambda ctx, v: Guard(isinstance(v, (int, float)) and not isinstance(v, bool),
                                                        f"{v!r} is not a constant number", "a constant number"),
        doc="a constant number (not a graph value)", guard=True),
-    _b("len", 1, 1, "number", lambda ctx, v: len(v) if isinstance(v, (list, tuple)) else (0 if v is None else 1),
-       doc="length of a list attribute (normalized_shape)"),
+    _b("len", 1, 1, "number", _len, doc="length of a list attribute (normalized_shape)"),
     _b("keeps_last_dim", 2, 2, "bool", _keeps_last_dim, doc="an index leaves the last dim of a value whole", guard=True),
     _b("rank", 1, 1, "number", _rank, doc="number of dims"),
     _b("shape", 1, 1, "shape", lambda ctx, v: list(_shape(ctx, v)), doc="the shape, as a list"),
     _b("size", 1, 2, "number", _size, doc="size(x, dim)"),
     _b("dtype", 1, 1, "string", _dtype, doc="dtype name: f32, f64, f16, bf16, i64, ..."),
     _b("users", 1, 1, "number", _users, doc="number of users of a value"),
+    _b("precision", 1, 1, "number", _precision, doc="significand bits of a value's dtype (f64 53, f32 24, f16 11, bf16 8)"),
     _b("path", 1, 1, "string", lambda ctx, v: module_path(_node(v, "path")), doc="module path of a value"),
     _b("module_type", 1, 1, "string", lambda ctx, v: module_type(_node(v, "module_type")), doc="class name of the module"),
     _b("op", 1, 1, "string", lambda ctx, v: op_name(_node(v, "op")) or "", doc="canonical op name of a value"),
@@ -300,7 +355,8 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     _b("min", 1, 3, "tensor", _stat("min"), ("dim", "keepdim")),
     _b("absmax", 1, 3, "tensor", _stat("absmax"), ("dim", "keepdim"), doc="max |x| of a parameter along dims, or per channel of an activation (calibration)"),
     _b("rms", 1, 3, "tensor", _stat("rms"), ("dim", "keepdim")),
-    _b("bcast", 2, 3, "tensor", _bcast, ("dim",), doc="reshape a vector to broadcast along dim of another tensor"),
+    _b("bcast", 2, 4, "tensor", _bcast, ("dim", "groups"),
+       doc="reshape a vector to broadcast along dim of another tensor (groups: per group of a grouped weight)"),
     _b("reshape", 2, 2, "tensor", _reshape), _b("t", 1, 1, "tensor", _transpose, doc="swap the first two dims"),
     _b("where", 3, 3, "tensor", _where),
     _b("ones_like", 1, 1, "tensor", _unary(torch.ones_like)), _b("zeros_like", 1, 1, "tensor", _unary(torch.zeros_like)),

@@ -55,6 +55,11 @@ def _from_module(ctx: _Ctx, mod: nn.Module, args, kwargs):
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.padding_mode == "zeros":
         return "conv", [x, ctx.param(t, "weight"), ctx.param(t, "bias")], dict(
             stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups)
+    if isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and mod.padding_mode == "zeros" \
+            and len(args) <= 1 and not kwargs.get("output_size"):
+        return "conv_transpose", [x, ctx.param(t, "weight"), ctx.param(t, "bias")], dict(
+            stride=mod.stride, padding=mod.padding, output_padding=mod.output_padding, groups=mod.groups,
+            dilation=mod.dilation)
     if isinstance(mod, nn.Linear):
         return "linear", [x, ctx.param(t, "weight"), ctx.param(t, "bias")], {}
     if isinstance(mod, nn.modules.batchnorm._BatchNorm):
@@ -102,10 +107,18 @@ def _conv(a, k):
         dilation=_arg(a, k, 5, "dilation", 1), groups=_arg(a, k, 6, "groups", 1))
 
 
-def _aten_convolution(a, k):
+def _aten_convolution(a, k):  # (input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
     if _arg(a, k, 6, "transposed", False):
-        return None
+        return "conv_transpose", [a[0], a[1], a[2]], dict(stride=a[3], padding=a[4], output_padding=a[7],
+                                                          groups=a[8], dilation=a[5])
     return "conv", [a[0], a[1], a[2]], dict(stride=a[3], padding=a[4], dilation=a[5], groups=a[8])
+
+
+def _conv_transpose(a, k):  # F.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    return "conv_transpose", [_arg(a, k, 0, "input"), _arg(a, k, 1, "weight"), _arg(a, k, 2, "bias")], dict(
+        stride=_arg(a, k, 3, "stride", 1), padding=_arg(a, k, 4, "padding", 0),
+        output_padding=_arg(a, k, 5, "output_padding", 0), groups=_arg(a, k, 6, "groups", 1),
+        dilation=_arg(a, k, 7, "dilation", 1))
 
 
 def _linear(a, k):
@@ -128,14 +141,30 @@ def _aten_bn_no_training(a, k):  # (input, weight, bias, running_mean, running_v
     return "batch_norm", [a[0], a[3], a[4], a[1], a[2]], dict(eps=a[6], training=False, momentum=a[5] or 0.0)
 
 
+def _aten_bn_legit(a, k):
+    """Batch statistics (training=True), e.g. weight standardization over a conv weight. Overloads:
+    `no_stats(input, weight, bias, training, momentum, eps)` and
+    `default(input, weight, bias, running_mean, running_var, training, momentum, eps)` -> tuple."""
+    if len(a) == 6:
+        return "batch_norm", [a[0], None, None, a[1], a[2]], dict(eps=a[5], training=bool(a[3]), momentum=a[4] or 0.0)
+    if len(a) == 8:
+        return "batch_norm", [a[0], a[3], a[4], a[1], a[2]], dict(eps=a[7], training=bool(a[5]), momentum=a[6] or 0.0)
+    return None
+
+
+def _norm_shape(v):
+    """normalized_shape as written: a tuple of sizes, or a graph value (`x.shape[-1:]`) resolved once shapes are known."""
+    return v if isinstance(v, fx.Node) else tuple(_tuple(v, 1))
+
+
 def _f_layer_norm(a, k):  # F.layer_norm(input, normalized_shape, weight, bias, eps)
     return "layer_norm", [a[0], _arg(a, k, 2, "weight"), _arg(a, k, 3, "bias")], dict(
-        normalized_shape=tuple(_tuple(_arg(a, k, 1, "normalized_shape"), 1)), eps=_arg(a, k, 4, "eps", 1e-5))
+        normalized_shape=_norm_shape(_arg(a, k, 1, "normalized_shape")), eps=_arg(a, k, 4, "eps", 1e-5))
 
 
 def _f_rms_norm(a, k):  # F.rms_norm(input, normalized_shape, weight, eps)
     return "rms_norm", [a[0], _arg(a, k, 2, "weight")], dict(
-        normalized_shape=tuple(_tuple(_arg(a, k, 1, "normalized_shape"), 1)), eps=_arg(a, k, 3, "eps", None))
+        normalized_shape=_norm_shape(_arg(a, k, 1, "normalized_shape")), eps=_arg(a, k, 3, "eps", None))
 
 
 def _f_group_norm(a, k):  # F.group_norm(input, num_groups, weight, bias, eps)
@@ -152,6 +181,19 @@ def _f_embedding(a, k):  # F.embedding(input, weight, padding_idx, ...)
 def _aten_embedding(a, k):  # aten.embedding(weight, indices, padding_idx=-1, ...)
     pad = _arg(a, k, 2, "padding_idx", -1)
     return "embedding", [a[1], a[0]], dict(padding_idx=None if pad == -1 else pad)
+
+
+def _aten_index_select(a, k):  # aten.index_select(table, 0, ids): rows of a table (XGLM's sinusoidal positions)
+    if len(a) == 3 and a[1] == 0 and isinstance(a[0], fx.Node) and a[0].op == "get_attr":
+        return "embedding", [a[2], a[0]], dict(padding_idx=None)
+    return None
+
+
+def _aten_index(a, k):  # aten.index(table, [ids]): table[ids]
+    if len(a) == 2 and isinstance(a[0], fx.Node) and a[0].op == "get_attr" and isinstance(a[1], (list, tuple)) \
+            and len(a[1]) == 1 and isinstance(a[1][0], fx.Node):
+        return "embedding", [a[1][0], a[0]], dict(padding_idx=None)
+    return None
 
 
 def _binary(name):
@@ -196,6 +238,10 @@ def _to_copy(a, k):
     return "cast", [a[0]], dict(dtype=k.get("dtype"))
 
 
+def _type_as(a, k):  # x.type_as(other): a cast to other's dtype (a constant once dtypes are known)
+    return ("cast", [a[0]], {"dtype": a[1]}) if len(a) == 2 and not k and isinstance(a[1], fx.Node) else None
+
+
 def _identity(a, k):
     return None if k else ("identity", [a[0]], {})
 
@@ -223,6 +269,7 @@ def _dropout(a, k):
 
 _FUNCTIONS = {
     F.conv1d: _conv, F.conv2d: _conv, F.conv3d: _conv, torch.conv1d: _conv, torch.conv2d: _conv, torch.conv3d: _conv,
+    F.conv_transpose1d: _conv_transpose, F.conv_transpose2d: _conv_transpose, F.conv_transpose3d: _conv_transpose,
     F.linear: _linear, F.batch_norm: _f_batch_norm, F.layer_norm: _f_layer_norm, torch.layer_norm: _f_layer_norm,
     F.group_norm: _f_group_norm, F.embedding: _f_embedding,
     operator.add: _binary("add"), torch.add: _binary("add"), operator.sub: _binary("sub"), torch.sub: _binary("sub"),
@@ -250,21 +297,25 @@ def _method_to(a, k):
 
 _METHODS = {"to": _method_to, "float": lambda a, k: ("cast", [a[0]], {"dtype": torch.float32}) if len(a) == 1 and not k else None,
             "pow": _pow, "rsqrt": _unary("inv_sqrt"), "mean": _mean, "add": _binary("add"), "sub": _binary("sub"), "mul": _binary("mul"), "div": _binary("div"),
-            "matmul": _binary("matmul"), "relu": _unary("relu"), "sigmoid": _unary("sigmoid"),
+            "matmul": _binary("matmul"), "relu": _unary("relu"), "sigmoid": _unary("sigmoid"), "type_as": _type_as,
+            "detach": lambda a, k: ("identity", [a[0]], {}) if len(a) == 1 and not k else None,
             "tanh": _unary("tanh"), "softmax": _softmax}
 
 _ATEN = {
     "conv1d": _conv, "conv2d": _conv, "conv3d": _conv, "convolution": _aten_convolution, "linear": _linear,
+    "conv_transpose1d": _conv_transpose, "conv_transpose2d": _conv_transpose, "conv_transpose3d": _conv_transpose,
     "batch_norm": _aten_batch_norm, "_native_batch_norm_legit_no_training": _aten_bn_no_training,
+    "_native_batch_norm_legit": _aten_bn_legit,
     "layer_norm": _f_layer_norm, "native_layer_norm": _f_layer_norm, "rms_norm": _f_rms_norm,
     "group_norm": _f_group_norm, "embedding": _aten_embedding,
     "add": _binary("add"), "sub": _binary("sub"), "mul": _binary("mul"), "div": _binary("div"),
     "matmul": _binary("matmul"), "relu": _unary("relu"), "gelu": _gelu, "silu": _unary("silu"),
     "tanh": _unary("tanh"), "sigmoid": _unary("sigmoid"), "softmax": _softmax, "_softmax": _softmax,
-    "dropout": _dropout, "alias": _identity, "clone": _clone, "mean": _mean, "pow": _pow, "rsqrt": _unary("inv_sqrt"), "_to_copy": _to_copy,
+    "dropout": _dropout, "alias": _identity, "detach": _identity, "type_as": _type_as,
+    "index_select": _aten_index_select, "index": _aten_index, "clone": _clone, "mean": _mean, "pow": _pow, "rsqrt": _unary("inv_sqrt"), "_to_copy": _to_copy,
 }
 # ops that return a tuple whose first element is the result (the others are saved statistics)
-_TUPLE_RESULT = {"_native_batch_norm_legit_no_training", "native_layer_norm"}
+_TUPLE_RESULT = {"_native_batch_norm_legit_no_training", "_native_batch_norm_legit", "native_layer_norm"}
 
 
 def _translate(gm: fx.GraphModule, node: fx.Node):
@@ -284,6 +335,25 @@ def _translate(gm: fx.GraphModule, node: fx.Node):
     return None
 
 
+def _is_table(gm, node) -> bool:
+    """A 2-d floating parameter or buffer: what an embedding looks rows up in."""
+    from .graph import get_param
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return False
+    try:
+        t = get_param(gm, node)
+    except AttributeError:
+        return False
+    return isinstance(t, torch.Tensor) and t.dim() == 2 and t.is_floating_point()
+
+
+def _integer_ids(node) -> bool:
+    """Row indices (not a boolean mask), where the traced value says so."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    dtype = getattr(val, "dtype", None)
+    return dtype is None or not (dtype.is_floating_point or dtype == torch.bool)
+
+
 def _conv_attrs(gm, w, attrs):
     """stride/padding/dilation as tuples of the conv's rank, whatever form the model used."""
     from .graph import get_param
@@ -294,7 +364,7 @@ def _conv_attrs(gm, w, attrs):
     if rank is None:
         return attrs
     out = dict(attrs)
-    for k in ("stride", "padding", "dilation"):
+    for k in ("stride", "padding", "dilation", "output_padding"):
         v = out.get(k)
         if isinstance(v, int):
             out[k] = (v,) * rank
@@ -350,6 +420,72 @@ def _collapse_addmm(gm: fx.GraphModule) -> None:
             graph.erase_node(x2d)
 
 
+def _transposed_param(gm: fx.GraphModule, node) -> fx.Node | None:
+    """The 2-d parameter W when `node` is W.T in any spelling (`W.T`, `W.t()`, `aten.t`, `permute(W, [1, 0])`,
+    `transpose(W, 0, 1)`), else None."""
+    from .graph import get_param
+    if not isinstance(node, fx.Node) or not node.args:
+        return None
+    src, rest = node.args[0], node.args[1:]
+    if node.op == "call_function":
+        base = aten_base(node.target)
+        name = base or getattr(node.target, "__name__", "")
+        if node.target is getattr and rest and rest[0] in ("T", "mT", "H", "mH"):
+            name = "t"
+    elif node.op == "call_method":
+        name = node.target
+    else:
+        return None
+    if name == "t" or name == "numpy_T":
+        swaps = True
+    elif name == "permute":
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        swaps = [int(d) % 2 for d in dims] == [1, 0]
+    elif name in ("transpose", "swapaxes"):
+        swaps = len(rest) == 2 and {int(d) % 2 for d in rest} == {0, 1}
+    else:
+        return None
+    if not (swaps and isinstance(src, fx.Node) and src.op == "get_attr"):
+        return None
+    try:
+        return src if get_param(gm, src).dim() == 2 else None
+    except AttributeError:
+        return None
+
+
+def _weight_matmuls_to_linear(gm: fx.GraphModule) -> None:
+    """`x @ W.T` by a weight parameter is a linear (Falcon's FalconLinear, hand-written projections); so is
+    `x @ W` with W stored [in, out] (it gets a transposed copy, as GPT-2's Conv1D does). A bias added after it
+    joins the linear in the recognizers (std.recognize: linear_bias)."""
+    from .graph import get_param, module_path, new_param
+    graph = gm.graph
+    for node in list(graph.nodes):
+        is_mm = node.op == "call_function" and (node.target is ops.matmul or aten_base(node.target) == "mm")
+        if not is_mm or len(node.args) != 2 or node.kwargs:
+            continue
+        x, rhs = node.args
+        w = _transposed_param(gm, rhs)
+        if w is None and isinstance(rhs, fx.Node) and rhs.op == "get_attr":
+            try:
+                weight = get_param(gm, rhs)
+            except AttributeError:
+                continue
+            if weight.dim() != 2 or not weight.is_floating_point():
+                continue
+            path = module_path(node)
+            with graph.inserting_before(node):
+                w = graph.get_attr(new_param(gm, f"{path}.weight" if path else "weight", weight.t().contiguous()))
+            w.meta["normc_path"] = path
+        if w is None:
+            continue
+        with graph.inserting_before(node):
+            new = graph.call_function(ops.linear, (x, w, None), {})
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "val", "tensor_meta")})
+        new.meta["normc_path"], new.meta["normc_module_type"] = module_path(node), module_type(node)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+
 def canonicalize(gm: fx.GraphModule, recognize: bool = True) -> fx.GraphModule:
     """Rewrite `gm` in place into canonical ops; returns it.
 
@@ -375,11 +511,13 @@ def canonicalize(gm: fx.GraphModule, recognize: bool = True) -> fx.GraphModule:
         if translated is None:
             continue
         name, operands, attrs = translated
+        if name == "embedding" and not (_is_table(gm, operands[1]) and _integer_ids(operands[0])):
+            continue
         if name == "identity":
             node.replace_all_uses_with(operands[0])
             graph.erase_node(node)
             continue
-        if name == "conv":
+        if name in ("conv", "conv_transpose"):
             attrs = _conv_attrs(gm, operands[1], attrs)
         schema = ops.OPS[name]
         operands = list(operands) + [None] * (len(schema.operands) - len(operands))
@@ -399,6 +537,7 @@ def canonicalize(gm: fx.GraphModule, recognize: bool = True) -> fx.GraphModule:
         else:
             node.replace_all_uses_with(new)
         graph.erase_node(node)
+    _weight_matmuls_to_linear(gm)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
@@ -414,8 +553,8 @@ def drop_noop_casts(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is ops.cast:
             src, dtype = node.args[0], node.kwargs.get("dtype")
-            if isinstance(dtype, fx.Node):  # `.to(v.dtype)`: the dtype v had when traced
-                dtype = dtype.args[0].meta.get("normc_dtype") if isinstance(dtype.args[0], fx.Node) else None
+            if isinstance(dtype, fx.Node):  # `.to(v.dtype)` or `.type_as(v)`: the dtype v had when traced
+                dtype = _traced_dtype(dtype)
             if isinstance(src, fx.Node) and src.meta.get("normc_dtype") is not None \
                     and src.meta.get("normc_dtype") == dtype:
                 node.replace_all_uses_with(src)
@@ -424,6 +563,160 @@ def drop_noop_casts(gm: fx.GraphModule) -> int:
     if n:
         gm.recompile()
     return n
+
+
+def _traced_dtype(node: fx.Node):
+    """The dtype a cast's `dtype` operand stood for when traced: `v.dtype` or a tensor `v` (`type_as`)."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] == "dtype":
+        node = node.args[0]
+    return node.meta.get("normc_dtype") if isinstance(node, fx.Node) else None
+
+
+def resolve_with_shapes(gm: fx.GraphModule) -> None:
+    """The canonicalization steps that need the shapes and dtypes of one run (`annotate_shapes` first):
+    no-op casts dropped, `normalized_shape` read from a tensor (`x.shape[-1:]`) made a constant, static facts
+    read from a value (its rank, its dtype) made constants, and shape-only readers moved past the
+    shape-preserving op that reads the same value (so a BatchNorm wrapper's `x.shape` check does not count as a
+    second user of the conv before it)."""
+    drop_noop_casts(gm)
+    changed = _resolve_norm_shapes(gm) + _fold_static_facts(gm) + _sink_shape_readers(gm)
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+
+
+def _shape_of(node) -> tuple | None:
+    return tuple(node.meta["normc_shape"]) if isinstance(node, fx.Node) and "normc_shape" in node.meta else None
+
+
+def _shape_value(node):
+    """The value of a shape expression over a traced value (`x.shape`, `x.size()`, `x.shape[-1:]`,
+    `x.size(-1)`, a tuple of those), from the recorded shapes; None when it is not one."""
+    if isinstance(node, (int, torch.SymInt)) and not isinstance(node, bool):
+        return int(node)
+    if isinstance(node, (list, tuple)):
+        parts = [_shape_value(v) for v in node]
+        return None if any(p is None for p in parts) else tuple(parts)
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] == "shape":
+        return _shape_of(node.args[0])
+    if node.op == "call_method" and node.target == "size":
+        shape = _shape_of(node.args[0])
+        if shape is None:
+            return None
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return shape if dim is None else shape[int(dim)]
+    if node.op == "call_function" and node.target in (operator.getitem, ops.getitem) and node.args:
+        base = _shape_value(node.args[0])
+        index = node.args[1] if node.target is operator.getitem and len(node.args) == 2 else node.kwargs.get("index")
+        if isinstance(base, tuple) and isinstance(index, (int, slice)):
+            return base[index]
+    return None
+
+
+def _resolve_norm_shapes(gm: fx.GraphModule) -> int:
+    n = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (ops.layer_norm, ops.rms_norm):
+            continue
+        ns = node.kwargs.get("normalized_shape")
+        if ns is None or not (isinstance(ns, fx.Node) or any(isinstance(v, fx.Node) for v in _tuple(ns, 1))):
+            continue
+        value = _shape_value(ns)
+        if value is None:
+            continue
+        node.kwargs = {**node.kwargs, "normalized_shape": tuple(_tuple(value, 1))}
+        n += 1
+    return n
+
+
+def _static_fact(node):
+    """(True, value) for a read of a traced value's rank or dtype (fixed by tracing), else (False, None)."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2 and isinstance(node.args[0], fx.Node):
+        src, attr = node.args
+        if attr == "ndim" and _shape_of(src) is not None:
+            return True, len(_shape_of(src))
+        if attr == "dtype" and isinstance(src.meta.get("normc_dtype"), torch.dtype):
+            return True, src.meta["normc_dtype"]
+    if node.op == "call_method" and node.target in ("dim", "ndimension") and len(node.args) == 1 \
+            and _shape_of(node.args[0]) is not None:
+        return True, len(_shape_of(node.args[0]))
+    return False, None
+
+
+def _fold_static_facts(gm: fx.GraphModule) -> int:
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is ops.cast and isinstance(node.kwargs.get("dtype"), fx.Node):
+            dtype = _traced_dtype(node.kwargs["dtype"])  # `.to(v.dtype)`, `.type_as(v)`: fixed by tracing
+            if isinstance(dtype, torch.dtype):
+                node.kwargs = {**node.kwargs, "dtype": dtype}
+                n += 1
+            continue
+        if node.op not in ("call_function", "call_method"):
+            continue
+        known, value = _static_fact(node)
+        if not known:
+            continue
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
+        gm.graph.erase_node(node)
+        n += 1
+    return n
+
+
+def reads_shape_only(node: fx.Node) -> bool:
+    """A reader of a value's shape, size or rank only (not its values)."""
+    if node.op == "call_method" and node.target in ("size", "dim", "ndimension"):
+        return True
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
+        return node.args[1] in ("shape", "ndim", "dtype", "device")
+    return node.op == "call_function" and aten_base(node.target) == "sym_size"
+
+
+# canonical ops whose output has the shape of their first operand, whatever the input
+_SHAPE_PRESERVING = {ops.batch_norm, ops.layer_norm, ops.rms_norm, ops.group_norm, ops.fixed_norm, ops.norm_act,
+                     ops.relu, ops.gelu, ops.silu, ops.tanh, ops.sigmoid, ops.softmax}
+
+
+def _sink_shape_readers(gm: fx.GraphModule) -> int:
+    """A shape reader of v moves to u when u = op(v, params...) is v's only value reader and keeps its shape
+    (norms, activations); repeated down the chain. Its dependents that come before u move after u."""
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    moved = 0
+    for v in list(graph.nodes):
+        readers = [u for u in v.users if reads_shape_only(u)
+                   and not (u.op == "call_function" and u.target is getattr and u.args[1] in ("dtype", "device"))]
+        values = [u for u in v.users if not reads_shape_only(u)]
+        if not readers or len(values) != 1:
+            continue
+        u = values[0]
+        if u.op != "call_function" or u.target not in _SHAPE_PRESERVING or u.args[0] is not v \
+                or _shape_of(u) is None or _shape_of(u) != _shape_of(v):
+            continue
+        # the readers and what depends on them, if placed before u, move right after u (keeping their order)
+        late, todo = set(), list(readers)
+        while todo:
+            n = todo.pop()
+            if n in late or order[n] > order[u]:
+                continue
+            late.add(n)
+            todo.extend(n.users)
+        if any(a in late for a in u.all_input_nodes):
+            continue
+        anchor = u
+        for n in sorted(late, key=order.__getitem__):
+            anchor.append(n)
+            anchor = n
+        for r in readers:
+            r.replace_input_with(v, u)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        moved += len(readers)
+    return moved
 
 
 def run_recognizers(gm: fx.GraphModule) -> int:

@@ -51,6 +51,12 @@ def conv(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
     return fn(x, w, b, stride, padding, dilation, groups)
 
 
+def conv_transpose(x, w, b=None, *, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """Transposed convolution; the weight is [in, out/groups, k...] (output channels on dim 1, per group)."""
+    fn = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}[w.dim()]
+    return fn(x, w, b, stride, padding, output_padding, groups, dilation)
+
+
 def batch_norm(x, mean, var, weight=None, bias=None, *, eps=1e-5, training=False, momentum=0.1):
     return F.batch_norm(x, mean, var, weight, bias, training, momentum, eps)
 
@@ -202,6 +208,9 @@ OPS: dict[str, OpSchema] = {s.name: s for s in [
     _op("linear", ["x", ("w", False, True), ("b", True, True)], {}, linear, "y = x W^T + b"),
     _op("conv", ["x", ("w", False, True), ("b", True, True)],
         {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}, conv, "convolution of rank 1, 2 or 3"),
+    _op("conv_transpose", ["x", ("w", False, True), ("b", True, True)],
+        {"stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}, conv_transpose,
+        "transposed convolution of rank 1, 2 or 3; weight [in, out/groups, k...]"),
     _op("batch_norm", ["x", ("mean", True, True), ("var", True, True), ("weight", True, True), ("bias", True, True)],
         {"eps": 1e-5, "training": False, "momentum": 0.1}, batch_norm, "batch norm (eval: frozen statistics)"),
     _op("layer_norm", ["x", ("weight", True, True), ("bias", True, True)],
@@ -234,7 +243,9 @@ OPS: dict[str, OpSchema] = {s.name: s for s in [
 COMMUTATIVE = {"add", "mul"}
 
 # Pattern names that mean "this op, with a constraint": conv2d is conv with a 4-d weight.
-ALIASES: dict[str, tuple[str, int]] = {"conv1d": ("conv", 3), "conv2d": ("conv", 4), "conv3d": ("conv", 5)}
+ALIASES: dict[str, tuple[str, int]] = {"conv1d": ("conv", 3), "conv2d": ("conv", 4), "conv3d": ("conv", 5),
+                                       "conv_transpose1d": ("conv_transpose", 3), "conv_transpose2d": ("conv_transpose", 4),
+                                       "conv_transpose3d": ("conv_transpose", 5)}
 
 IMPL_TO_NAME: dict[Callable, str] = {s.impl: s.name for s in OPS.values() if s.impl is not None}
 

@@ -23,7 +23,7 @@ from ..frontend.specs import InputSpec
 from ..grammar import syntax_tree as T
 from ..grammar.loader import Program
 from ..ir.builtins import DTYPE_NAMES, EvalContext
-from ..ir.canonicalize import canonicalize, drop_noop_casts, run_recognizers
+from ..ir.canonicalize import canonicalize, resolve_with_shapes, run_recognizers
 from ..ir.evaluate import Evaluator
 from ..ir.graph import annotate_shapes, op_counts
 from ..ir.rewrite import RuleReport, apply_rule
@@ -99,7 +99,7 @@ def prepare_graph(loaded: LoadedModel) -> tuple[fx.GraphModule, dict]:
     gm = traced.graph_module
     canonicalize(gm, recognize=False)
     annotate_shapes(gm, loaded.example_args, loaded.example_kwargs)  # recognizers read shapes
-    drop_noop_casts(gm)
+    resolve_with_shapes(gm)  # no-op casts, shapes read from tensors, shape-only readers
     if run_recognizers(gm):
         annotate_shapes(gm, loaded.example_args, loaded.example_kwargs)
     return gm, {"method": traced.method, "notes": list(traced.notes)}

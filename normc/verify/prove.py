@@ -682,6 +682,43 @@ def _gen_conv(g: _OpGen):
     g.param("b", [cout], "bias")
 
 
+def _gen_conv_transpose(g: _OpGen):
+    """Transposed conv: weight [in, out/groups, k...]; output_padding < stride; padding within the kernel."""
+    rng, b = g.rng, g.b
+    x, w = g.t("x"), g.t("w")
+    if g.rank is not None:
+        sd = g.rank - 2
+    elif x is not None:
+        sd = x.dim() - 2
+    elif w is not None:
+        sd = w.dim() - 2
+    elif b.want is not None and 3 <= b.want <= 5:
+        sd = b.want - 2
+    else:
+        sd = rng.choice((1, 2, 2, 3))
+    if x is not None and x.dim() != sd + 2:
+        raise _Invalid(f"conv_transpose input of rank {x.dim()} for a conv_transpose{sd}d")
+    cin = x.shape[1] if x is not None else (w.shape[0] if w is not None else rng.choice((2, 4, 6)))
+    groups = g.attr("groups", lambda: 1 if rng.random() < 0.5 or cin == 1 else rng.choice(
+        [d for d in _divisors(cin) if d > 1]))
+    if not isinstance(groups, int) or groups < 1 or cin % groups:
+        raise _Invalid(f"groups {groups} does not divide {cin} channels")
+    if w is not None:
+        out_g, k = w.shape[1], list(w.shape[2:])
+    else:
+        out_g, k = rng.choice((1, 2, 3)), [rng.choice((1, 2, 3))] * sd
+    stride = g.attr("stride", lambda: tuple(rng.choice((1, 2)) for _ in range(sd)))
+    strides = list(stride) if isinstance(stride, (tuple, list)) else [stride] * sd
+    dilation = g.attr("dilation", lambda: tuple(1 if rng.random() < 0.8 else 2 for _ in range(sd)))
+    dils = list(dilation) if isinstance(dilation, (tuple, list)) else [dilation] * sd
+    g.attr("padding", lambda: tuple(rng.randint(0, (kk - 1) * d // 2) for kk, d in zip(k, dils)))
+    g.attr("output_padding", lambda: tuple(rng.randint(0, max(s, d) - 1) for s, d in zip(strides, dils)))
+    spatial = [rng.randint(3, 6) for _ in range(sd)]
+    g.act("x", [rng.choice((1, 2)), cin] + spatial)
+    g.param("w", [cin, out_g] + k, "weight")
+    g.param("b", [out_g * groups], "bias")
+
+
 def _channel_stats(x: torch.Tensor, dim: int = 1):
     dims = [d for d in range(x.dim()) if d != dim]
     mean = x.mean(dim=dims) if dims else x.clone()
@@ -826,7 +863,13 @@ def _gen_embedding(g: _OpGen):
 def _gen_binary(g: _OpGen):
     a, c = g.t("a"), g.t("b")
     nonzero = g.schema.name == "div"
-    if g.is_free("a") and g.is_free("b"):
+    hints = g.b.hints
+    a_var = g._var("a")
+    if g.is_free("a") and g.is_free("b") and a_var and (hints.param.get(a_var) or hints.rank.get(a_var) == 0):
+        # the guard wants the first operand to be a parameter or a number (`1 + w`): no activation here
+        g.other("a", [g.b.C])
+        g.other("b", [g.b.C], nonzero)
+    elif g.is_free("a") and g.is_free("b"):
         a = g.act("a", g.b.act_shape(2, 3))
         g.other("b", a.shape, nonzero)
     elif g.is_free("b"):
@@ -949,7 +992,7 @@ UNARY_OPS = {"relu", "gelu", "silu", "tanh", "sigmoid", "inv_sqrt"}  # _gen_unar
 
 _GENERATORS = {
     "getitem": _gen_getitem, "crms_norm": _gen_crms_norm,
-    "linear": _gen_linear, "conv": _gen_conv, "batch_norm": _gen_batch_norm, "layer_norm": _gen_layer_norm,
+    "linear": _gen_linear, "conv": _gen_conv, "conv_transpose": _gen_conv_transpose, "batch_norm": _gen_batch_norm, "layer_norm": _gen_layer_norm,
     "rms_norm": _gen_rms_norm, "group_norm": _gen_group_norm, "fixed_norm": _gen_fixed_norm,
     "norm_act": _gen_norm_act, "embedding": _gen_embedding,
     "add": _gen_binary, "sub": _gen_binary, "mul": _gen_binary, "div": _gen_binary, "matmul": _gen_matmul,

@@ -86,7 +86,8 @@ def test_factory_apply_exits_0(factory_run):
 def test_factory_report_folds_exactly_the_foldable_sites(factory_run, factory):
     _, _, report = factory_run
     rules = {r["name"]: r for r in report["rules"]}
-    assert set(rules) == {"std.fold_bn_conv", "std.fold_bn_linear"}
+    assert set(rules) == {"std.fold_bn_conv", "std.fold_bn_conv_transpose", "std.fold_bn_linear"}
+    assert rules["std.fold_bn_conv_transpose"]["applied"] == 0
     conv, linear = rules["std.fold_bn_conv"], rules["std.fold_bn_linear"]
     assert conv["applied"] == len(factory.FOLDED_CONV) == 4
     assert sorted(site_path(s) for s in conv["sites"]) == sorted(factory.FOLDED_CONV)

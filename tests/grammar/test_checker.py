@@ -43,13 +43,13 @@ def test_std_library_checks_clean():
 
 def test_examples_check_clean():
     program = load_rules(EXAMPLE)
-    assert program.resolve("std.bn") == ["std.fold_bn_conv", "std.fold_bn_linear"]
+    assert program.resolve("std.bn") == ["std.fold_bn_conv", "std.fold_bn_conv_transpose", "std.fold_bn_linear"]
     assert program.main.pipeline is not None
 
 
 def test_load_std_groups_keep_file_order():
     std = load_std()
-    assert std.groups["std.bn"] == ["std.fold_bn_conv", "std.fold_bn_linear"]
+    assert std.groups["std.bn"] == ["std.fold_bn_conv", "std.fold_bn_conv_transpose", "std.fold_bn_linear"]
     assert std.groups["std.recognize"][0].startswith("std.")
 
 

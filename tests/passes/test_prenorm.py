@@ -550,3 +550,179 @@ def test_f64_replay_of_a_pt2_model():
     result = compile_model(load_rules(text=PIPELINE % ""), lm, RunOptions(write=False, verify_inputs=2))
     assert result.passed, result.report["verify"]["failure"]
     assert verify_steps(result)[1]["max_rel_err"] <= 1e-10
+
+
+# ============================================================== forms found on real architectures (issue 12)
+class FalconLinear(nn.Linear):
+    """Falcon's linear: `x @ W.T + b` (a matmul by a weight parameter, not F.linear)."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class MatmulLM(LM):
+    """The LM with every projection written as Falcon writes it."""
+
+    def __init__(self):
+        super().__init__()
+        for blk in self.blocks:
+            for owner, name in ((blk.attn, "qkv"), (blk.attn, "proj"), (blk.mlp, "fc1"), (blk.mlp, "fc2")):
+                old = getattr(owner, name)
+                new = FalconLinear(old.in_features, old.out_features)
+                setattr(owner, name, new)
+
+
+def test_linears_written_as_matmuls_convert():
+    result = run(randomize(MatmulLM()), PIPELINE % "")
+    assert_converted_exactly(result, 5)
+
+
+class LayerScaleBlock(Block):
+    """DINOv2 / BEiT / CaiT: each branch multiplied by a per-channel parameter before the add."""
+
+    def __init__(self):
+        super().__init__()
+        self.ls1 = nn.Parameter(torch.rand(D) + 0.1)
+        self.ls2 = nn.Parameter(torch.rand(D) + 0.1)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x)) * self.ls1
+        return x + self.ls2 * self.mlp(self.ln2(x))
+
+
+class LayerScaleLM(LM):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([LayerScaleBlock() for _ in range(2)])
+
+
+def test_layer_scale_writers_are_affine():
+    model = randomize(LayerScaleLM())
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.ls1.copy_(torch.rand(D, generator=_gen(3)) + 0.1)
+    result = run(model, PIPELINE % "")
+    assert_converted_exactly(result, 5)
+    # the per-channel multiplies went into the projections' weights
+    assert result.report["graph"]["after"]["op_counts"].get("mul", 0) < result.report["graph"]["before"]["op_counts"]["mul"]
+
+
+class EmbeddingNorm(LM):
+    """BLOOM: the residual stream starts at a LayerNorm of the embeddings (word_embeddings_layernorm)."""
+
+    def __init__(self):
+        super().__init__(pos=None)
+        self.emb_ln = nn.LayerNorm(D)
+
+    def forward(self, ids):
+        x = self.emb_ln(self.emb(ids))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.ln_f(x))
+
+
+def test_stream_starting_at_a_layer_norm_converts_with_one_centring_op():
+    result = run(randomize(EmbeddingNorm()), PIPELINE % "")
+    rep = rule_report(result)
+    assert rep["applied"] == 2 and not rep["skipped"], rep  # the embedding stream and the main stream
+    before, after = (result.report["graph"][k]["op_counts"] for k in ("before", "after"))
+    assert n_ln(before) == 6 and n_ln(after) == 0 and after.get("rms_norm") == 6, after
+    assert after.get("reduce_mean") == 1 and after.get("sub") == 1, after  # y - mean(y), once
+    assert any("starts at layer_norm `emb_ln" in n for n in rep["notes"]), rep["notes"]
+    fp32, f64 = verify_steps(result)
+    assert result.passed and fp32["max_rel_err"] <= 1e-5 and f64["max_rel_err"] <= 1e-10
+
+
+def test_crms_stream_starting_at_a_layer_norm():
+    text = PIPELINE.replace("std.prenorm_to_rmsnorm%s", "std.prenorm_to_crmsnorm")
+    result = run(randomize(EmbeddingNorm()), text)
+    rep = rule_report(result, "std.prenorm_to_crmsnorm")
+    assert rep["applied"] == 2, rep
+    fp32, f64 = verify_steps(result)
+    assert result.passed and f64["max_rel_err"] <= 1e-10, f64
+
+
+class RawStreamOutput(EmbeddingNorm):
+    """CLIP vision / BEiT with mean pooling: the raw residual stream is an output (last_hidden_state)."""
+
+    def forward(self, ids):
+        x = self.emb_ln(self.emb(ids))
+        for blk in self.blocks:
+            x = blk(x)
+        return {"last_hidden_state": x, "pooled": self.ln_f(x.mean(1))}
+
+
+def test_raw_stream_output_is_refused_naming_the_output():
+    model = randomize(RawStreamOutput())
+    result = compile_model(load_rules(text=PIPELINE % ""), loaded(model), RunOptions(write=False, verify_inputs=1))
+    rep = rule_report(result)
+    assert rep["applied"] == 0 and rep["skipped"], rep
+    reasons = " | ".join(s["reason"] for s in rep["skipped"])
+    assert "model output `last_hidden_state` is the residual stream" in reasons, reasons
+    assert "post-LN" not in reasons, reasons
+    # the embedding LayerNorm's own stream is not converted alone either: it only starts the refused one
+    assert "starts a stream that stays LayerNorm" in reasons, reasons
+    assert result.report["graph"]["before"]["op_counts"] == result.report["graph"]["after"]["op_counts"]
+
+
+class GroupedConvWriter(nn.Module):
+    """A depthwise conv writing into the stream: its weights cannot recentre over all channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv1d(D, D, 3, padding=1, groups=D)
+        self.ln1, self.ln_f = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.mlp = MLP()
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, x):  # x: [B, D, T]
+        h = self.patch(x).transpose(1, 2)
+        h = h + self.mlp(self.ln1(h))
+        return self.head(self.ln_f(h))
+
+
+def test_grouped_conv_writer_is_refused():
+    x = torch.randn(2, D, SEQ, generator=_gen(4))
+    model = randomize(GroupedConvWriter())
+    lm = LoadedModel(model.eval(), (x,), {}, [InputSpec.from_example("x", x)], "grouped", False)
+    result = compile_model(load_rules(text=PIPELINE % ""), lm, RunOptions(write=False, verify_inputs=1))
+    reasons = " | ".join(s["reason"] for s in rule_report(result)["skipped"])
+    assert f"conv writer `patch" in reasons and f"{D} groups" in reasons, reasons
+    assert result.passed
+
+
+class ChannelsFirst(nn.Module):
+    """A conv stream in [B, C, L] read through permutes (ConvNeXt-style): the hidden axis is tracked through
+    them, and a conv reading the stream directly is named."""
+
+    def __init__(self, conv_reader: bool):
+        super().__init__()
+        self.stem = nn.Conv1d(4, D, 3, padding=1)
+        self.conv_reader = conv_reader
+        self.mix = nn.Conv1d(D, D, 1)
+        self.ln1, self.ln_f = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.mlp = MLP()
+
+    def forward(self, x):  # x: [B, 4, L]
+        h = self.stem(x)                                     # [B, D, L], channels on dim 1
+        if self.conv_reader:
+            h = h + self.mix(h)
+        h = h + self.mlp(self.ln1(h.permute(0, 2, 1))).permute(0, 2, 1)
+        return self.ln_f(h.permute(0, 2, 1)).mean(1)
+
+
+@pytest.mark.parametrize("conv_reader", [False, True], ids=["converts", "conv_reader"])
+def test_channels_first_stream(conv_reader):
+    x = torch.randn(2, 4, SEQ, generator=_gen(5))
+    model = randomize(ChannelsFirst(conv_reader))
+    lm = LoadedModel(model.eval(), (x,), {}, [InputSpec.from_example("x", x)], "cf", False)
+    result = compile_model(load_rules(text=PIPELINE % ""), lm, RunOptions(write=False, verify_inputs=1))
+    rep = rule_report(result)
+    assert result.passed, result.report["verify"]["failure"]
+    if conv_reader:
+        reasons = " | ".join(s["reason"] for s in rep["skipped"])
+        assert rep["applied"] == 0 and "also read by conv `mix" in reasons, reasons
+    else:
+        assert rep["applied"] == 1 and not rep["skipped"], rep
+        assert result.report["graph"]["after"]["op_counts"].get("rms_norm") == 2
+        assert verify_steps(result)[1]["max_rel_err"] <= 1e-10

@@ -274,3 +274,160 @@ def test_scoped_apply_reaches_only_the_recognized_norm_in_scope(make_loaded, exp
     gm = res.graph_module
     assert operand(gm, by_path["blocks.1.norm"], 1) is None          # its gain went into blocks.1.fc
     assert operand(gm, by_path["blocks.0.norm"], 1) is not None      # out of scope: untouched
+
+
+# ------------------------------------------------------------------ norms that upcast, in every dtype
+class OlmoLN(nn.Module):
+    """OLMo's LayerNorm: no weight, no bias, computed in float32 and cast back."""
+
+    def forward(self, x):
+        return F.layer_norm(x.to(torch.float32), (D,), None, None, eps=1e-5).to(x.dtype)
+
+
+class T5LN(nn.Module):
+    """T5's LayerNorm (an RMSNorm): the variance in float32, the input itself not upcast, the gain after."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = _affine(D, 8)[0]
+
+    def forward(self, x):
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + 1e-6)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+class Olmo2RMS(HFLlamaRMS):
+    """OLMo-2's RMSNorm: the gain applied in float32, then the cast back."""
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight * h).to(x.dtype)
+
+
+class GemmaRMS(nn.Module):
+    """Gemma's RMSNorm: float32, times (1 + w), cast back."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(D, generator=torch.Generator().manual_seed(9)) * 0.2)
+
+    def forward(self, x):
+        out = x.float()
+        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (out * (1.0 + self.weight.float())).type_as(x)
+
+
+UPCAST = [(HFLlamaRMS, "rms_norm"), (OlmoLN, "layer_norm"), (T5LN, "rms_norm"), (Olmo2RMS, "rms_norm")]
+
+
+@pytest.mark.parametrize("dtype, export", [(torch.float32, False), (torch.float16, False), (torch.bfloat16, False),
+                                           (torch.float16, True)], ids=["f32-fx", "f16-fx", "bf16-fx", "f16-export"])
+@pytest.mark.parametrize("cls, op", UPCAST, ids=[c.__name__ for c, _ in UPCAST])
+def test_a_widening_cast_inside_a_norm_is_seen_through(canonical, cls, op, dtype, export):
+    """f16/bf16 norms computed in float32 are what torch's own norms compute: one node, no cast left."""
+    m = cls().eval().to(dtype)
+    x = X.to(dtype)
+    gm = canonical(m, x, export=export)
+    assert op_counts(gm) == {op: 1}, op_counts(gm)
+    norm = nodes(gm, op)[0]
+    if hasattr(m, "weight"):
+        assert torch.equal(operand(gm, norm, 1), m.weight)
+    assert same(gm, m, x, rel=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("cls, op", [(HFLlamaRMS, "rms_norm"), (OlmoLN, "layer_norm"), (Olmo2RMS, "rms_norm"),
+                                     (T5LN, None)], ids=["HFLlamaRMS", "OlmoLN", "Olmo2RMS", "T5LN"])
+def test_a_narrowing_cast_inside_a_norm_stays(canonical, cls, op):
+    """In a float64 model `.to(float32)` changes the numbers: the norm is recognized over the float32 value and
+    the casts stay, so the canonical graph computes exactly what the model does. (T5's variance in float32
+    times a float64 input is no norm in any one dtype: its ops stay.)"""
+    m = cls().eval().to(torch.float64)
+    x = X.to(torch.float64)
+    gm = canonical(m, x)
+    counts = op_counts(gm)
+    assert counts.get("cast", 0) >= 1, counts
+    assert (counts.get(op) == 1) if op else ("rms_norm" not in counts and "layer_norm" not in counts), counts
+    with torch.no_grad():
+        assert torch.equal(gm(x), m(x))
+
+
+@FORMS
+def test_gemma_gain_one_plus_w_becomes_the_norm_weight(canonical, export):
+    m = GemmaRMS().eval()
+    gm = canonical(m, X, export=export)
+    assert op_counts(gm) == {"rms_norm": 1}, op_counts(gm)
+    assert torch.equal(operand(gm, nodes(gm, "rms_norm")[0], 1), 1.0 + m.weight.detach())
+    assert same(gm, m, X)
+
+
+# ------------------------------------------------------------------ linears written as matmuls
+class MatmulLinear(nn.Module):
+    """Falcon's FalconLinear (`x @ W.T + b`) and its spellings: W.t(), transpose(0, 1), W stored [in, out]."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        g = torch.Generator().manual_seed(4)
+        self.weight = nn.Parameter(torch.randn(8, D, generator=g) if form != "w_in_out" else torch.randn(D, 8, generator=g))
+        self.bias = nn.Parameter(torch.randn(8, generator=g))
+
+    def forward(self, x):
+        if self.form == "T":
+            h = x @ self.weight.T
+        elif self.form == "t":
+            h = torch.matmul(x, self.weight.t())
+        elif self.form == "transpose":
+            h = x @ self.weight.transpose(0, 1)
+        else:
+            h = x @ self.weight
+        return h + self.bias
+
+
+@FORMS
+@pytest.mark.parametrize("form", ["T", "t", "transpose", "w_in_out"])
+def test_a_matmul_by_a_weight_is_a_linear_with_its_bias(canonical, form, export):
+    m = MatmulLinear(form).eval()
+    gm = canonical(m, X, export=export)
+    assert op_counts(gm) == {"linear": 1}, op_counts(gm)
+    lin = nodes(gm, "linear")[0]
+    w = operand(gm, lin, 1)
+    assert w.shape == (8, D) and torch.equal(operand(gm, lin, 2), m.bias)
+    assert torch.equal(w, m.weight if form != "w_in_out" else m.weight.t())
+    assert same(gm, m, X)
+
+
+def test_a_matmul_of_two_activations_stays_a_matmul(canonical):
+    class Scores(nn.Module):
+        def forward(self, x):
+            return x @ x.transpose(-1, -2)
+    gm = canonical(Scores(), X)
+    assert op_counts(gm).get("matmul") == 1 and "linear" not in op_counts(gm)
+
+
+# ------------------------------------------------------------------ a LayerNorm shape read from its input
+class ShapeFromInput(nn.Module):
+    """`F.layer_norm(x, x.shape[-1:], g, b, eps)`, a common hand-written form (was an internal error)."""
+
+    def __init__(self):
+        super().__init__()
+        self.g, self.b = _affine(D, 10)
+        self.fc = nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.fc(F.layer_norm(x, x.shape[-1:], self.g, self.b, 1e-5))
+
+
+@FORMS
+def test_layer_norm_with_its_shape_read_from_the_input(canonical, make_loaded, export):
+    m = ShapeFromInput().eval()
+    gm = canonical(m, X, export=export)
+    ln = nodes(gm, "layer_norm")
+    assert len(ln) == 1 and tuple(ln[0].kwargs["normalized_shape"]) == (D,)
+    assert same(gm, m, X)
+    program = load_rules(text="pipeline {\n  apply std.fold_norm_affine\n  verify rel 1e-5\n}")
+    res = compile_model(program, make_loaded(m, X, export=export), RunOptions(write=False, verify_inputs=1))
+    assert res.passed and res.report["rules"][0]["applied"] == 1, res.report["rules"][0]

@@ -179,18 +179,19 @@ def test_structure_and_counts_for_a_passing_run(good_report, tmp_path):
     assert root.tag == "testsuites"
     (suite,) = root.findall("testsuite")
     cases = _cases(root)
-    # 2 rules (std.fold_bn_conv, std.fold_bn_linear) x 2 outputs + 1 verify step + pipeline
-    assert len(cases) == 6
+    # 3 rules (std.fold_bn_conv, std.fold_bn_conv_transpose, std.fold_bn_linear) x 2 outputs + 1 verify step + pipeline
+    assert len(cases) == 8
     for el in (root, suite):
-        assert el.get("tests") == "6"
+        assert el.get("tests") == "8"
         assert el.get("failures") == "0"
         assert el.get("errors") == "0"
         assert el.get("skipped") == "0"
-    rule_cases = [(c.get("classname"), c.get("name")) for c in cases[:4]]
+    rule_cases = [(c.get("classname"), c.get("name")) for c in cases[:6]]
     assert sorted(rule_cases) == sorted(
-        (r, o) for r in ("std.fold_bn_conv", "std.fold_bn_linear") for o in ("logits", "feat"))
-    assert cases[4].get("classname") == "normc.steps" and cases[4].get("name").startswith("verify #1")
-    assert (cases[5].get("classname"), cases[5].get("name")) == ("normc", "pipeline")
+        (r, o) for r in ("std.fold_bn_conv", "std.fold_bn_conv_transpose", "std.fold_bn_linear")
+        for o in ("logits", "feat"))
+    assert cases[6].get("classname") == "normc.steps" and cases[6].get("name").startswith("verify #1")
+    assert (cases[7].get("classname"), cases[7].get("name")) == ("normc", "pipeline")
     assert not any(c.find("failure") is not None for c in cases)
     props = {p.get("name"): p.get("value") for p in suite.iter("property")}
     assert props["model"] == "TwoHeads"
@@ -204,7 +205,7 @@ def test_skipped_sites_are_listed_in_system_out(good_report, tmp_path):
     for c in conv_cases:
         out = c.findtext("system-out")
         assert "skipped 1 site(s)" in out
-        assert "bn2 (batch_norm_1): conv `conv2` output has 2 users" in out  # the site and its reason
+        assert "bn2 (batch_norm_1): conv `conv2` output has 2 users: " in out  # the site and its reason
     linear_cases = [c for c in _cases(root) if c.get("classname") == "std.fold_bn_linear"]
     assert linear_cases and all("skipped" not in (c.findtext("system-out") or "") for c in linear_cases)
 
@@ -238,8 +239,8 @@ def test_whole_pipeline_failure_fails_every_rule_case(good_report, tmp_path):
 def test_dry_run_report_gives_skipped_cases(dry_report, tmp_path):
     _, root = _write(dry_report, tmp_path)
     skipped = [c for c in _cases(root) if c.find("skipped") is not None]
-    assert len(skipped) == 3  # 2 rules + the verify step
-    assert root.get("skipped") == "3"
+    assert len(skipped) == 4  # 3 rules + the verify step
+    assert root.get("skipped") == "4"
 
 
 def test_awkward_text_is_escaped(good_report, tmp_path):

@@ -7,7 +7,7 @@ rule fold_layer_norm_affine {
   exact
   match   h = layer_norm(x, g?, beta?, normalized_shape = ns)
           each u in users(h): y = linear(h, w, b?)
-  where   (present(g) or present(beta)) and len(ns) == 1          # over the last dim: the linears' input
+  where   has_affine(h) and len(ns) == 1          # over the last dim: the linears' input
   rewrite h = layer_norm(x)
           each u: y = linear(h, w * (g ?? 1), (b ?? 0) + sum(w * (beta ?? 0), dim = 1))
 }
@@ -17,7 +17,7 @@ rule fold_rms_norm_affine {
   exact
   match   h = rms_norm(x, g?, normalized_shape = ns)
           each u in users(h): y = linear(h, w, b?)
-  where   present(g) and len(ns) == 1
+  where   has_affine(h) and len(ns) == 1
   rewrite h = rms_norm(x)
           each u: y = linear(h, w * g, b)
 }

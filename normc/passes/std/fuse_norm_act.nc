@@ -28,6 +28,15 @@ rule fuse_group_norm_silu {
   rewrite y = norm_act(x, g, b, norm = "group_norm", activation = "silu", groups = k, eps = e)
 }
 
+rule fuse_group_norm_relu {
+  doc "GroupNorm + ReLU as one norm_act op (BiT, ResNet-GN)"
+  exact
+  match   n = group_norm(x, g?, b?, groups = k, eps = e)
+          y = relu(n)
+  where   single_use(n)
+  rewrite y = norm_act(x, g, b, norm = "group_norm", activation = "relu", groups = k, eps = e)
+}
+
 rule fuse_batch_norm_relu {
   doc "BatchNorm + ReLU as one norm_act op (for BNs that cannot fold into a conv)"
   exact
