@@ -53,7 +53,8 @@ def _common(f):
     f = click.option("--weights", type=click.Path(dir_okay=False), help="weights for a factory model: .safetensors or a state dict")(f)
     f = click.option("--allow-pickle", is_flag=True, help="allow loading a pickled whole-module .pt (unpickling runs code from the file)")(f)
     f = click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write the JSON report here")(f)
-    f = click.option("--samples", default=4, show_default=True, help="random verification inputs (besides the example input)")(f)
+    f = click.option("--samples", default=4, show_default=True, type=click.IntRange(min=1),
+                     help="random verification inputs (besides the example input)")(f)
     f = click.option("--seed", default=0, show_default=True, help="seed for verification inputs")(f)
     f = click.option("--debug", is_flag=True, help="show Python tracebacks")(f)
     return f

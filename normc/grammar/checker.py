@@ -6,11 +6,14 @@ ops called outside `rewrite`). All errors are collected and reported together.
 """
 from __future__ import annotations
 
-from ..ir.builtins import BUILTINS, CONSTANTS
-from ..ir.evaluate import FANOUT_REDUCTION
+import math
+
+from ..ir.builtins import BUILTINS, CONSTANTS, EvalContext, RefuseSite
+from ..ir.evaluate import FANOUT_REDUCTION, Evaluator
 from ..ir.ops import all_pattern_names, schema_for
 from . import syntax_tree as T
 from .diagnostics import Diagnostic, NcError, did_you_mean
+from .literals import finite_number
 from .loader import Program
 
 PARAM_TYPES = {"float", "int", "bool", "string", "str"}
@@ -20,6 +23,10 @@ EXPORT_FORMATS = {"torch": {"opset"}, "onnx": {"opset", "check", "dynamic", "qua
                   "safetensors": set()}
 INPUT_DTYPES = {"f32", "f64", "f16", "bf16", "i64", "i32", "bool"}
 KINDS = {"exact", "approximate", "structural"}
+VERIFY_DTYPES = {"f32", "f64", "f16", "bf16"}
+OPTION_EXAMPLES = {"rel": "rel 1e-4", "max_rel": "max_rel 1e-4", "max_abs": "max_abs 1e-5", "cosine": "cosine 0.999",
+                   "samples": "samples 8", "seed": "seed 0", "dtype": "dtype f64"}
+MIN_OPSET, MAX_OPSET = 7, 30
 
 BOOL, NUM, TENSOR, STR, SHAPE, ANY, NODE, NONE = "bool", "number", "tensor", "string", "shape", "any", "node", "none"
 
@@ -304,8 +311,11 @@ class Checker:
                             self.error(step.loc, f"`{step.rule}` needs a value for `{p.name}`",
                                        f"write `apply {step.rule}({p.name} = ...)`")
                     for name, a in given.items():
+                        before = len(self.diags)
                         t = self.expr(a, {}, "apply")
                         self.check_param_type(params[name], t, a.loc, step.rule)
+                        if len(self.diags) == before:
+                            self.check_constant(a, name, step.rule)
                 elif step.args:
                     self.error(step.loc, f"`{step.rule}` is a group of rules: pass parameters by name")
                 else:
@@ -314,21 +324,63 @@ class Checker:
                         if lacking:
                             self.error(v.loc, f"`{lacking[0]}` in group `{step.rule}` has no parameter `{k}`")
             elif isinstance(step, T.Verify):
-                for k in step.options:
+                for k, v in step.options.items():
                     if k not in VERIFY_OPTIONS:
                         self.error(step.loc, f"unknown verify option `{k}`", did_you_mean(k, VERIFY_OPTIONS))
-                for k in step.approx:
+                    else:
+                        self.check_option_value("verify", k, v, step.loc)
+                for k, v in step.approx.items():
                     if k not in APPROX_OPTIONS:
                         self.error(step.loc, f"unknown approx gate `{k}`", did_you_mean(k, APPROX_OPTIONS))
+                    else:
+                        self.check_option_value("verify approx", k, v, step.loc)
+            elif isinstance(step, T.Calibrate):
+                if step.samples is not None and step.samples < 1:
+                    self.error(step.loc, f"`calibrate ... samples {step.samples}` must be at least 1",
+                               "give the number of calibration samples to use")
             elif isinstance(step, T.Export):
                 if step.format not in EXPORT_FORMATS:
                     self.error(step.loc, f"unknown export format `{step.format}`",
                                did_you_mean(step.format, EXPORT_FORMATS) or f"use one of {', '.join(EXPORT_FORMATS)}")
                 else:
-                    for k in step.options:
+                    for k, v in step.options.items():
                         if k not in EXPORT_FORMATS[step.format]:
                             self.error(step.loc, f"`export {step.format}` has no option `{k}`",
                                        did_you_mean(k, EXPORT_FORMATS[step.format]))
+                        elif k == "opset" and (type(v) is not int or not MIN_OPSET <= v <= MAX_OPSET):
+                            self.error(step.loc, f"`opset {v}` is not an ONNX opset",
+                                       f"give an integer from {MIN_OPSET} to {MAX_OPSET}")
+                        elif k == "workspace_gb" and finite_number(v, positive=True):
+                            self.error(step.loc, f"`workspace_gb` {finite_number(v, positive=True)}")
+
+    def check_option_value(self, step: str, key: str, value, loc):
+        """Tolerances are finite and positive, counts are positive integers: `verify rel nan` or
+        `verify rel -1` would make verification meaningless, so they are refused here."""
+        problem = None
+        if key in ("rel", "max_rel"):
+            problem = finite_number(value, positive=True)
+        elif key == "max_abs":
+            problem = finite_number(value, non_negative=True)
+        elif key == "cosine":
+            problem = finite_number(value) or (None if -1 <= value <= 1 else f"must be between -1 and 1 (got {value})")
+        elif key == "samples":
+            problem = None if type(value) is int and value >= 1 else f"must be a positive integer (got `{value}`)"
+        elif key == "seed":
+            problem = None if type(value) is int else f"must be an integer (got `{value}`)"
+        elif key == "dtype":
+            problem = None if value in VERIFY_DTYPES else f"must be one of {', '.join(sorted(VERIFY_DTYPES))} (got `{value}`)"
+        if problem:
+            self.error(loc, f"`{step} {key}` {problem}", f"for example `{step} {OPTION_EXAMPLES.get(key, key)}`")
+
+    def check_constant(self, e, name: str, rule: str):
+        """An `apply` argument is computed once, before the run: a failure is the program's error, found now."""
+        try:
+            value = Evaluator(EvalContext(None), {}).eval(e)
+        except RefuseSite as err:
+            self.error(e.loc, f"cannot compute `{name}` of `{rule}`: {err}")
+            return
+        if isinstance(value, float) and not math.isfinite(value):
+            self.error(e.loc, f"`{name}` of `{rule}` is not finite ({value})")
 
 
 def _names_in(e) -> set[str]:

@@ -17,6 +17,9 @@ def did_you_mean(name: str, candidates) -> str | None:
     return f"did you mean `{best}`?" if best else None
 
 
+_MAX_SHOWN = 160  # characters of a source line shown under an error
+
+
 class Diagnostic:
     def __init__(self, loc: Loc, message: str, hint: str | None = None, source: str | None = None):
         self.loc, self.message, self.hint, self.source = loc, message, hint, source
@@ -30,8 +33,14 @@ class Diagnostic:
             width = 1
             if loc.end_line == loc.line and loc.end_column > loc.column:
                 width = loc.end_column - loc.column
+            column = loc.column
+            if len(line) > _MAX_SHOWN:  # a window around the caret, not a 20,000-character line
+                start = max(0, column - 1 - _MAX_SHOWN // 2)
+                line = ("…" if start else "") + line[start:start + _MAX_SHOWN] + ("…" if start + _MAX_SHOWN < len(line) else "")
+                column = column - start + (1 if start else 0)
+                width = max(1, min(width, _MAX_SHOWN // 2))
             gutter = f"{loc.line:>4} | "
-            text += f"\n{gutter}{line}\n{' ' * (len(gutter) + loc.column - 1)}{'^' * width}"
+            text += f"\n{gutter}{line}\n{' ' * (len(gutter) + column - 1)}{'^' * width}"
         if self.hint:
             text += f"\n  fix: {self.hint}"
         return text

@@ -1,15 +1,28 @@
 """Parse `.nc` source text into the typed AST (syntax_tree), with located errors."""
 from __future__ import annotations
 
-import ast as py_ast
 from functools import lru_cache
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+from lark import Lark, Token, Transformer, Tree, v_args
+from lark.exceptions import (
+    UnexpectedCharacters,
+    UnexpectedEOF,
+    UnexpectedInput,
+    UnexpectedToken,
+    VisitError,
+)
 
 from . import syntax_tree as T
 from .diagnostics import Diagnostic, NcError
+from .literals import LiteralError, decode_number, decode_string
+
+# How deep expressions and patterns may nest. The builder, the checker and the evaluator
+# recurse once per level; a limit far below Python's stack keeps every stage safe.
+MAX_DEPTH = 100
+# tree nodes that are one level of an expression or a pattern (call_args, kwarg... are not)
+_NESTING = {"coalesce_op", "or_op", "and_op", "not_op", "compare", "binop", "neg", "pow_op", "index", "call",
+            "list_lit", "slice", "pcall", "pkw", "neg_number"}
 
 GRAMMAR = Path(__file__).with_name("normc.lark")
 
@@ -45,9 +58,14 @@ class _Literal:
 
 
 class _Build(Transformer):
-    def __init__(self, file: str):
+    def __init__(self, file: str, source: str = ""):
         super().__init__(visit_tokens=True)
-        self.file = file
+        self.file, self.source = file, source
+
+    def _literal_error(self, tok: Token, e: LiteralError) -> NcError:
+        column = tok.column + e.offset
+        loc = T.Loc(self.file, tok.line, column, tok.line, column + max(1, e.width))
+        return NcError([Diagnostic(loc, e.message, e.hint)], self.source)
 
     def _loc(self, meta_or_tok) -> T.Loc:
         m = meta_or_tok
@@ -59,12 +77,25 @@ class _Build(Transformer):
 
     # ---------------------------------------------------------- tokens
     def NUMBER(self, tok):
-        text = str(tok)
-        value = int(text) if text.isdigit() else float(text)
+        try:
+            value = decode_number(str(tok))
+        except LiteralError as e:
+            raise self._literal_error(tok, e) from None
         return Token("NUMBER", value, tok.start_pos, tok.line, tok.column, tok.end_line, tok.end_column, tok.end_pos)
 
+    def INT(self, tok):
+        try:
+            value = decode_number(str(tok))
+        except LiteralError as e:
+            raise self._literal_error(tok, e) from None
+        return Token("INT", value, tok.start_pos, tok.line, tok.column, tok.end_line, tok.end_column, tok.end_pos)
+
     def STRING(self, tok):
-        return Token("STRING", py_ast.literal_eval(str(tok)), tok.start_pos, tok.line, tok.column, tok.end_line, tok.end_column, tok.end_pos)
+        try:
+            value = decode_string(str(tok))
+        except LiteralError as e:
+            raise self._literal_error(tok, e) from None
+        return Token("STRING", value, tok.start_pos, tok.line, tok.column, tok.end_line, tok.end_column, tok.end_pos)
 
     # ---------------------------------------------------------- top level
     @v_args(meta=True)
@@ -90,7 +121,7 @@ class _Build(Transformer):
         return T.InputDecl(str(name), str(dtype), dims, rng, self._loc(meta))
 
     def dim(self, c):
-        return int(c[0])
+        return c[0].value
 
     def input_range(self, c):
         return (c[0], c[1])
@@ -248,7 +279,7 @@ class _Build(Transformer):
 
     @v_args(meta=True)
     def calibrate_step(self, meta, c):
-        return T.Calibrate(c[0].value, int(c[1]) if c[1] is not None else None, self._loc(meta))
+        return T.Calibrate(c[0].value, c[1].value if c[1] is not None else None, self._loc(meta))
 
     @staticmethod
     def _value(v):
@@ -360,9 +391,10 @@ def parse_text(source: str, file: str = "<string>") -> T.Module:
         tree = _lark().parse(source)
     except UnexpectedInput as e:
         raise NcError([_syntax_diagnostic(e, source, file)], source) from None
+    _check_depth(tree, file, source)
     try:
-        items = _Build(file).transform(tree)
-    except VisitError as e:  # a bug in the builder, not the user's; keep the cause
+        items = _Build(file, source).transform(tree)
+    except VisitError as e:  # a located error from a literal, or a bug in the builder: keep the cause
         raise e.orig_exc from None
     module = T.Module(file=file, source=source)
     for item in items:
@@ -384,14 +416,46 @@ def parse_text(source: str, file: str = "<string>") -> T.Module:
     return module
 
 
+def _check_depth(tree: Tree, file: str, source: str) -> None:
+    """Refuse expressions nested deeper than MAX_DEPTH, walking the tree without recursion."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if node.data in _NESTING:
+            depth += 1
+            if depth > MAX_DEPTH:
+                meta = node.meta
+                line = getattr(meta, "line", 1) if not getattr(meta, "empty", True) else 1
+                column = getattr(meta, "column", 1) if not getattr(meta, "empty", True) else 1
+                loc = T.Loc(file, line, column, line, column + 1)
+                raise NcError([Diagnostic(loc, f"expression nested too deeply (limit {MAX_DEPTH})",
+                                          "split it with `let` bindings")], source)
+        stack.extend((child, depth) for child in node.children if isinstance(child, Tree))
+
+
 def parse_file(path: str | Path) -> T.Module:
+    from ..errors import NormcError
     path = Path(path)
     try:
-        source = path.read_text()
+        data = path.read_bytes()
     except OSError as e:
-        from ..errors import NormcError
         raise NormcError(f"cannot read rules file `{path}`: {e.strerror}", "check the path") from None
-    return parse_text(source, str(path))
+    return parse_text(decode_source(data, str(path)), str(path))
+
+
+def decode_source(data: bytes, file: str) -> str:
+    """UTF-8 text of a rules file; a byte that is not UTF-8 is a located error."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = data[:e.start]
+        line = before.count(b"\n") + 1
+        line_start = before.rfind(b"\n") + 1
+        column = len(data[line_start:e.start].decode("utf-8", errors="replace")) + 1
+        shown = data.decode("utf-8", errors="replace")
+        loc = T.Loc(file, line, column, line, column + 1)
+        raise NcError([Diagnostic(loc, f"byte 0x{data[e.start]:02x} is not UTF-8",
+                                  "save the file as UTF-8 (rules files are UTF-8 text)")], shown) from None
 
 
 def _syntax_diagnostic(e: UnexpectedInput, source: str, file: str) -> Diagnostic:

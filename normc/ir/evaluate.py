@@ -1,6 +1,7 @@
 """Evaluate language expressions against a match: guards on the graph, values on real tensors (float64)."""
 from __future__ import annotations
 
+import operator
 import re
 
 import torch
@@ -17,6 +18,16 @@ def source_text(expr, source: str | None) -> str:
     if loc.end_line == loc.line:
         return lines[loc.line - 1][loc.column - 1: loc.end_column - 1]
     return lines[loc.line - 1][loc.column - 1:] + " ..."
+
+
+_ARITH = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "**": operator.pow}
+
+
+def _huge_power(a, b) -> bool:
+    """int ** int is exact in Python: 2 ** 2 ** 62 would run out of memory, so refuse past 4096 bits."""
+    if type(a) is not int or type(b) is not int or b <= 0 or abs(a) <= 1:
+        return False
+    return b * abs(a).bit_length() > 4096
 
 
 FANOUT_REDUCTION = re.compile(r"(max|min|sum|mean)_([A-Za-z_][A-Za-z0-9_]*)")
@@ -91,17 +102,20 @@ class Evaluator:
         if op in ("<", "<=", ">", ">="):
             r = {"<": lambda: a < b, "<=": lambda: a <= b, ">": lambda: a > b, ">=": lambda: a >= b}[op]()
             return bool(r.all()) if isinstance(r, torch.Tensor) else r
-        if op == "+":
-            return a + b
-        if op == "-":
-            return a - b
-        if op == "*":
-            return a * b
-        if op == "/":
-            return a / b
-        if op == "**":
-            return a ** b
-        raise TypeError(op)
+        if op == "**" and _huge_power(a, b):
+            raise RefuseSite("`**` of integers gives a number too large to compute")
+        fn = _ARITH.get(op)
+        if fn is None:
+            raise TypeError(op)
+        try:
+            r = fn(a, b)
+        except ZeroDivisionError:
+            raise RefuseSite(f"division by zero in `{op}`") from None
+        except (OverflowError, ArithmeticError) as err:  # plain Python numbers: 10.0 ** 400
+            raise RefuseSite(f"`{op}` failed: {err.args[-1] if err.args else type(err).__name__}") from None
+        if isinstance(r, complex):  # (-1) ** 0.5 on plain numbers
+            raise RefuseSite(f"`{op}` has no real result here (a negative number to a fractional power)")
+        return r
 
     def _call(self, e: T.Call):
         red = FANOUT_REDUCTION.fullmatch(e.func) if self.each else None  # max_u(...) needs a fan-out

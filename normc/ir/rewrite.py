@@ -513,7 +513,7 @@ class _Rewriter:
             env, plans = plan_site(self.gm, self.rule, m, self.ctx, self.params)
         except RefuseSite as e:
             return NearMiss(node, str(e), 0, MatchStatus.MATH)
-        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        except (RuntimeError, ValueError, IndexError, TypeError, ArithmeticError) as e:
             err = MathError(f"the rule's math failed here: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             return NearMiss(node, str(err), 0, MatchStatus.MATH)
         return m, env, plans
