@@ -11,6 +11,7 @@ import math
 from ..ir.builtins import BUILTINS, CONSTANTS, EvalContext, RefuseSite
 from ..ir.evaluate import FANOUT_REDUCTION, Evaluator
 from ..ir.ops import all_pattern_names, schema_for
+from ..passes.registry import PassNotFound, resolve_pass
 from . import syntax_tree as T
 from .diagnostics import Diagnostic, NcError, did_you_mean
 from .literals import finite_number
@@ -54,6 +55,11 @@ class Checker:
                 if not p.impl.startswith("normc.passes."):
                     self.error(p.loc, f"pass `{p.name}` must be implemented inside normc.passes",
                                "global passes are part of normc; write a `rule` for your own rewrites")
+                    continue
+                try:
+                    resolve_pass(p.impl)
+                except PassNotFound as err:
+                    self.error(p.loc, f"pass `{p.name}`: {err.message}", err.hint)
             if module.pipeline is not None:
                 self.check_pipeline(module.pipeline)
         if self.diags:

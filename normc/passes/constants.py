@@ -21,6 +21,7 @@ import torch.fx as fx
 from ..ir import ops
 from ..ir.graph import aten_base, get_param, module_path, new_param, op_name, site_name
 from ..ir.rewrite import RuleReport, SiteRecord, finish
+from .registry import global_pass
 
 # values of these names are random or uninitialized: never constants, whatever their inputs
 _NOT_PURE = ("rand", "bernoulli", "multinomial", "normal", "poisson", "dropout", "empty", "uniform", "exponential",
@@ -106,6 +107,7 @@ def _slot_name(node: fx.Node) -> str:
     return "constant"
 
 
+@global_pass
 def fold_constants(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_run=False) -> RuleReport:
     """Fold every subgraph computed from parameters and constants alone into a new parameter."""
     report = RuleReport("std.fold_constants")

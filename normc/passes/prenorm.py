@@ -29,6 +29,7 @@ from ..ir import ops
 from ..ir.canonicalize import reads_shape_only
 from ..ir.graph import aten_base, get_param, index_keeps_last_dim, module_path, new_param, op_name, param_users, site_name
 from ..ir.rewrite import RuleReport, SiteRecord, finish
+from .registry import global_pass
 
 _NORMS = ("layer_norm", "rms_norm", "group_norm", "batch_norm", "fixed_norm", "norm_act", "crms_norm")
 
@@ -613,6 +614,7 @@ def _already_rms(gm, report) -> RuleReport:
     return report
 
 
+@global_pass
 def to_rmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_run=False, untie=True) -> RuleReport:
     report = RuleReport("std.prenorm_to_rmsnorm")
     readers = _readers(gm, scope)
@@ -681,6 +683,7 @@ def _chain(action: _Action, stream: _Stream) -> list:
     return out
 
 
+@global_pass
 def to_crmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_run=False, untie=True) -> RuleReport:
     """Pre-LN -> Pre-CRMSNorm: the zero-mean stream keeps d-1 coordinates (the last is minus their sum).
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from ..ir.canonicalize import canonicalize, resolve_with_shapes, run_recognizers
 from ..ir.evaluate import Evaluator
 from ..ir.graph import annotate_shapes, op_counts
 from ..ir.rewrite import RuleReport, apply_rule
+from ..passes.registry import resolve_pass
 from ..verify import CachedReference, Tolerance, VerifyResult, sample_inputs, verify_models
 from ..verify.inputs import cast_inputs
 from .outputs import write_outputs
@@ -443,8 +443,7 @@ class _Runner:
 
 
 def _run_extern(rule: T.ExternPass, gm, ctx, args, scope, runner, loaded) -> RuleReport:
-    module_name, _, func = rule.impl.partition(":")
-    fn = getattr(importlib.import_module(module_name), func)
+    fn = resolve_pass(rule.impl)  # checked with the program; only a declared pass runs
     report = fn(gm, ctx=ctx, scope=scope, loaded=loaded, dry_run=runner.options.dry_run, **args)
     report.name, report.kind = rule.qualname, rule.kind
     return report
