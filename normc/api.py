@@ -10,9 +10,10 @@ from .pipeline import CompileResult, RunOptions, compile_model
 from .pipeline.runner import input_specs_from_decls
 
 
-def load_rules(path: str | Path | None = None, *, text: str | None = None) -> Program:
-    """Parse and check a `.nc` file (or source text); raises NcError with located messages."""
-    return load_and_check(path=path, text=text, file=str(path) if path else "<string>")
+def load_rules(path: str | Path | None = None, *, text: str | None = None, rules_path=()) -> Program:
+    """Parse and check a `.nc` file (or source text); raises NcError with located messages.
+    `rules_path`: more folders `use "x.nc"` may read from (besides the file's own folder and std)."""
+    return load_and_check(path=path, text=text, file=str(path) if path else "<string>", rules_path=rules_path)
 
 
 def load(program: Program, model: str, *, weights: str | None = None, allow_pickle: bool = False) -> LoadedModel:

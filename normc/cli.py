@@ -57,7 +57,15 @@ def _common(f):
                      help="random verification inputs (besides the example input)")(f)
     f = click.option("--seed", default=0, show_default=True, help="seed for verification inputs")(f)
     f = click.option("--debug", is_flag=True, help="show Python tracebacks")(f)
+    f = _rules_path(f)
+    f = click.option("--allow-outside-writes", is_flag=True,
+                     help="let `export ... to PATH` in the rules write outside the current and -o folders")(f)
     return f
+
+
+def _rules_path(f):
+    return click.option("--rules-path", "rules_path", multiple=True, type=click.Path(file_okay=False),
+                        help="a folder `use \"x.nc\"` may read rules from (repeatable)")(f)
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,14 +78,14 @@ def _run(rules, model, output, opts, write, dry_run=False):
     from . import api
     from .pipeline import RunOptions, compile_model
     from .report.progress import progress_reporter
-    program = api.load_rules(rules)
+    program = api.load_rules(rules, rules_path=opts.get("rules_path", ()))
     with progress_reporter() as say:
         say("loading model")
         loaded = api.load(program, model, weights=opts["weights"], allow_pickle=opts["allow_pickle"])
         options = RunOptions(output=Path(output) if output else None, verify_inputs=opts["samples"], seed=opts["seed"],
                              write=write, dry_run=dry_run, progress=say, rollback=opts.get("rollback", False),
                              strict=opts.get("strict", False), keep_before=bool(opts.get("diff_path")),
-                             opset=opts.get("opset"))
+                             opset=opts.get("opset"), allow_outside_writes=opts.get("allow_outside_writes", False))
         result = compile_model(program, loaded, options)
     _write_reports(result, opts)
     return result
@@ -181,12 +189,13 @@ def check(rules, model, **opts):
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write the JSON report here")
 @click.option("--all", "show_all", is_flag=True, help="also list near misses whose root op matched only")
 @click.option("--debug", is_flag=True, help="show Python tracebacks")
-def explain(rules, model, weights, allow_pickle, report_path, show_all, debug):
+@_rules_path
+def explain(rules, model, weights, allow_pickle, report_path, show_all, debug, rules_path):
     """Show where each rule of RULES would apply to MODEL, and why not elsewhere; changes nothing.
 
     Each rule is matched against the model as loaded (rules do not see each other's rewrites).
     """
-    opts = dict(weights=weights, allow_pickle=allow_pickle, samples=0, seed=0, report_path=report_path)
+    opts = dict(weights=weights, allow_pickle=allow_pickle, samples=0, seed=0, report_path=report_path, rules_path=rules_path)
     result = _run(rules, model, None, opts, write=False, dry_run=True)
     _explain(result, show_all)
 
@@ -222,7 +231,8 @@ def _group(site: str) -> str:
 @click.option("--rule", "rule_names", multiple=True, help="only this rule (repeatable); default: every rule in RULES")
 @click.option("--std", "std_only", is_flag=True, help="prove the standard library")
 @click.option("--debug", is_flag=True, help="show Python tracebacks")
-def prove(rules, rule_names, std_only, debug):
+@_rules_path
+def prove(rules, rule_names, std_only, debug, rules_path):
     """Check rules without a model: random instances of each pattern, pattern vs replacement.
 
     Exit 0 when every rule is sound, 1 when any is unsound.
@@ -232,7 +242,7 @@ def prove(rules, rule_names, std_only, debug):
     from .verify.prove import format_table, prove_program
     if rules is None and not std_only:
         raise click.UsageError("give a RULES file, or --std for the standard library")
-    program = load_std() if rules is None else api.load_rules(rules)
+    program = load_std() if rules is None else api.load_rules(rules, rules_path=rules_path)
     names = list(rule_names) or ([n for n in program.rules if n.startswith("std.")] if rules is None
                                   else [n for n in program.rules if not n.startswith("std.")])
     missing = [n for n in names if n not in program.rules]

@@ -407,6 +407,28 @@ def check_program(program: Program) -> Program:
     return program
 
 
-def load_and_check(path=None, text=None, file="<string>") -> Program:
+def check_export_paths(program: Program, output=None, allow_outside_writes: bool = False) -> None:
+    """`export ... to PATH` in a rules file writes only under the current folder or the `-o` folder.
+
+    A rules file is shared like source code; where it writes is the user's choice, not the file's.
+    Relative paths are relative to the current folder, as before; `..` and links are resolved first.
+    """
+    if allow_outside_writes or program.main.pipeline is None:
+        return
+    from pathlib import Path
+    roots = [Path.cwd().resolve()] + ([Path(output).resolve().parent] if output is not None else [])
+    diags = []
+    for step in program.main.pipeline.steps:
+        if isinstance(step, T.Export) and step.path is not None:
+            target = Path(step.path).resolve()
+            if not any(target.is_relative_to(root) for root in roots):
+                diags.append(Diagnostic(step.loc, f"`export ... to \"{step.path}\"` writes outside the current folder"
+                                        + (" and the -o folder" if output is not None else ""),
+                                        "write under the current folder, or pass --allow-outside-writes"))
+    if diags:
+        raise NcError(diags, program.main.source)
+
+
+def load_and_check(path=None, text=None, file="<string>", rules_path=()) -> Program:
     from .loader import load_program
-    return check_program(load_program(path, text, file))
+    return check_program(load_program(path, text, file, rules_path=rules_path))

@@ -62,25 +62,93 @@ def load_std() -> Program:
     return program
 
 
-def load_program(path: str | Path | None = None, text: str | None = None, file: str = "<string>") -> Program:
+def load_program(path: str | Path | None = None, text: str | None = None, file: str = "<string>",
+                 rules_path=()) -> Program:
+    """The program of a rules file (or text), with every file it `use`s, transitively.
+
+    `use "x.nc"` reads only `.nc` files, found beside the file that says it or in a
+    `rules_path` folder (`--rules-path`), and never outside those folders and the standard
+    library: a shared rules file cannot read the rest of the disk. A cycle is a located error.
+    """
     main = parse_file(path) if path is not None else parse_text(text or "", file)
     program = Program(main=main)
     _add_module(program, main, "", None)
     std = dict(std_modules())
     for stem, module in std.items():
         _add_module(program, module, "std.", f"std.{stem}")
-    base = Path(main.file).parent
-    for use in main.uses:
-        if not use.is_path:
-            if use.target == "std" or (use.target.startswith("std.") and use.target[4:] in std):
-                continue
-            hint = did_you_mean(use.target, [f"std.{s}" for s in std]) or \
-                f"the standard library has {', '.join('std.' + s for s in std)}; use \"path.nc\" for your own files"
-            raise NcError([Diagnostic(use.loc, f"unknown module `{use.target}`", hint)], main.source)
-        target = (base / use.target).resolve()
-        if not target.is_file():
-            raise NcError([Diagnostic(use.loc, f"cannot find `{use.target}` (looked in {base})",
-                                      "paths in `use` are relative to the file that says it")], main.source)
-        alias = use.alias or target.stem
-        _add_module(program, parse_file(target), f"{alias}.", alias)
+    roots = [Path(p).resolve() for p in rules_path]
+    for root, given in zip(roots, rules_path):
+        if not root.is_dir():
+            from ..errors import NormcError
+            raise NormcError(f"--rules-path `{given}` is not a folder", "give a folder that holds .nc files")
+    start = Path(main.file).resolve() if path is not None else None
+    _Imports(program, std, roots).visit(main, start, [])
     return program
+
+
+class _Imports:
+    """Depth-first walk of `use`: each file loaded once, a cycle reported where it closes."""
+
+    def __init__(self, program: Program, std: dict, roots: list[Path]):
+        self.program, self.std, self.roots = program, std, roots
+        self.loaded: dict[Path, tuple[str, T.Use]] = {}  # file -> (alias, the first use of it)
+
+    def visit(self, module: T.Module, file: Path | None, stack: list[Path]):
+        base = file.parent if file is not None else Path.cwd().resolve()
+        for use in module.uses:
+            if not use.is_path:
+                self.check_std(use, module)
+                continue
+            target = self.locate(use, module, base)
+            if target in stack or target == file:
+                chain = [*stack[stack.index(target):], file] if target in stack else [file]
+                cycle = " -> ".join(p.name for p in [*chain, target])
+                raise NcError([Diagnostic(use.loc, f"`use` makes a cycle: {cycle}",
+                                          "move the shared rules into a file that both use")], module.source)
+            alias = use.alias or target.stem
+            if target in self.loaded:
+                first_alias, first = self.loaded[target]
+                if first_alias != alias:
+                    raise NcError([Diagnostic(use.loc, f"`{use.target}` is already used as `{first_alias}` "
+                                              f"({first.loc.file}:{first.loc.line})",
+                                              f"write `as {first_alias}`: a file's rules have one name")], module.source)
+                continue
+            self.loaded[target] = (alias, use)
+            imported = parse_file(target)
+            _add_module(self.program, imported, f"{alias}.", alias)
+            self.visit(imported, target, [*stack, file] if file is not None else stack)
+
+    def check_std(self, use: T.Use, module: T.Module):
+        std = self.std
+        if use.target == "std" or (use.target.startswith("std.") and use.target[4:] in std):
+            return
+        hint = did_you_mean(use.target, [f"std.{s}" for s in std]) or \
+            f"the standard library has {', '.join('std.' + s for s in std)}; use \"path.nc\" for your own files"
+        raise NcError([Diagnostic(use.loc, f"unknown module `{use.target}`", hint)], module.source)
+
+    def locate(self, use: T.Use, module: T.Module, base: Path) -> Path:
+        """The file a `use "..."` names; only a `.nc` file inside an allowed folder (nothing else is opened)."""
+        def refuse(message, hint):
+            raise NcError([Diagnostic(use.loc, message, hint)], module.source)
+
+        if not use.target.endswith(".nc"):
+            refuse(f"`{use.target}` is not a rules file", "`use` reads only .nc files")
+        allowed = [base, *self.roots, STD_DIR]
+        folders = [base, *self.roots]
+        outside = False
+        for folder in folders:
+            target = (folder / use.target).resolve()  # symbolic links followed: where the bytes really are
+            if not any(target.is_relative_to(root) for root in allowed):
+                outside = True
+                continue
+            if target.is_file():
+                if target.suffix != ".nc":
+                    refuse(f"`{use.target}` is not a rules file (it links to a file that is not .nc)",
+                           "`use` reads only .nc files")
+                return target
+        if outside:
+            refuse(f"`{use.target}` is outside the folders rules may be read from",
+                   f"rules are read beside {module.file}, in the standard library and in folders given with --rules-path")
+        looked = ", ".join(str(f) for f in folders)
+        refuse(f"cannot find `{use.target}` (looked in {looked})",
+               "paths in `use` are relative to the file that says it; add folders with --rules-path")

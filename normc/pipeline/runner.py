@@ -20,6 +20,7 @@ from ..errors import NormcError
 from ..frontend import LoadedModel, trace_model
 from ..frontend.specs import InputSpec
 from ..grammar import syntax_tree as T
+from ..grammar.checker import check_export_paths
 from ..grammar.loader import Program
 from ..ir.builtins import DTYPE_NAMES, EvalContext
 from ..ir.canonicalize import canonicalize, resolve_with_shapes, run_recognizers
@@ -44,6 +45,7 @@ class RunOptions:
     rollback: bool = False              # roll back the sites that broke verification and go on
     strict: bool = False                # with rollback: a rollback still fails the run
     keep_before: bool = False           # keep the canonical graph before the pipeline (for --diff)
+    allow_outside_writes: bool = False  # `export ... to` paths outside the current and -o folders
 
 
 @dataclass
@@ -466,4 +468,7 @@ def _version() -> str:
 
 def compile_model(program: Program, loaded: LoadedModel, options: RunOptions | None = None) -> CompileResult:
     """Run `program`'s pipeline on `loaded` (load it with the program's `input` declarations as its specs)."""
-    return _Runner(program, loaded, options or RunOptions()).run()
+    options = options or RunOptions()
+    if options.write:
+        check_export_paths(program, options.output, options.allow_outside_writes)  # before any work
+    return _Runner(program, loaded, options).run()
