@@ -192,6 +192,9 @@ def _load_factory_module(source: str, modname: str, func: str) -> LoadedModel:
                              "like `path/to/file.py:function`") from e
         raise NormcError(f"importing `{modname}` failed: {_one_line(e)}",
                          hint="install the missing dependency") from e
+    except SystemExit as e:
+        raise NormcError(f"importing `{modname}` called sys.exit({e.code!r})",
+                         hint=f"guard the script part of `{modname}` with `if __name__ == \"__main__\":`") from None
     except Exception as e:  # noqa: BLE001
         raise NormcError(f"importing `{modname}` failed: {_one_line(e)}",
                          hint=f"fix the error in `{modname}`") from e
@@ -215,6 +218,9 @@ def _call_factory(source: str, module: Any, func: str, where: str) -> LoadedMode
                          hint="name a function that returns an nn.Module or (module, example_inputs)")
     try:
         result = obj()
+    except SystemExit as e:  # would end normc with the factory's status and no output
+        raise NormcError(f"`{func}()` from {where} called sys.exit({e.code!r}) instead of returning a model",
+                         hint="return an nn.Module (or (module, example_inputs)) from the factory") from None
     except Exception as e:  # noqa: BLE001
         raise NormcError(f"calling `{func}()` from {where} failed: {_one_line(e)}",
                          hint="the factory is called with no arguments; give its parameters defaults") from e

@@ -18,7 +18,7 @@ from .literals import finite_number
 from .loader import Program
 
 PARAM_TYPES = {"float", "int", "bool", "string", "str"}
-VERIFY_OPTIONS = {"max_abs", "rel", "max_rel", "samples", "dtype", "seed", "cosine"}
+VERIFY_OPTIONS = {"max_abs", "rel", "max_rel", "samples", "dtype", "seed", "cosine", "allow_nonfinite"}
 APPROX_OPTIONS = {"max_abs", "max_rel", "rel", "cosine"}
 EXPORT_FORMATS = {"torch": {"opset"}, "onnx": {"opset", "check", "dynamic", "quantize"}, "tensorrt": {"opset", "fp16", "workspace_gb"},
                   "safetensors": set()}
@@ -26,7 +26,8 @@ INPUT_DTYPES = {"f32", "f64", "f16", "bf16", "i64", "i32", "bool"}
 KINDS = {"exact", "approximate", "structural"}
 VERIFY_DTYPES = {"f32", "f64", "f16", "bf16"}
 OPTION_EXAMPLES = {"rel": "rel 1e-4", "max_rel": "max_rel 1e-4", "max_abs": "max_abs 1e-5", "cosine": "cosine 0.999",
-                   "samples": "samples 8", "seed": "seed 0", "dtype": "dtype f64"}
+                   "samples": "samples 8", "seed": "seed 0", "dtype": "dtype f64",
+                   "allow_nonfinite": "allow_nonfinite true"}
 MIN_OPSET, MAX_OPSET = 7, 30
 
 BOOL, NUM, TENSOR, STR, SHAPE, ANY, NODE, NONE = "bool", "number", "tensor", "string", "shape", "any", "node", "none"
@@ -373,6 +374,8 @@ class Checker:
             problem = None if type(value) is int and value >= 1 else f"must be a positive integer (got `{value}`)"
         elif key == "seed":
             problem = None if type(value) is int else f"must be an integer (got `{value}`)"
+        elif key == "allow_nonfinite":
+            problem = None if isinstance(value, bool) else f"must be true or false (got `{value}`)"
         elif key == "dtype":
             problem = None if value in VERIFY_DTYPES else f"must be one of {', '.join(sorted(VERIFY_DTYPES))} (got `{value}`)"
         if problem:

@@ -284,6 +284,8 @@ class _Build(Transformer):
     @staticmethod
     def _value(v):
         if isinstance(v, Token):
+            if v.type in ("TRUE", "FALSE"):
+                return v.type == "TRUE"
             return str(v) if v.type == "NAME" else v.value
         return v
 

@@ -29,6 +29,7 @@ from ..ir.graph import annotate_shapes, op_counts
 from ..ir.rewrite import RuleReport, apply_rule
 from ..passes.registry import resolve_pass
 from ..verify import CachedReference, Tolerance, VerifyResult, sample_inputs, verify_models
+from ..verify.compare import nonfinite_reference
 from ..verify.inputs import cast_inputs
 from .outputs import write_outputs
 
@@ -151,6 +152,11 @@ class _Runner:
         out_dtype = self._output_dtype(self.loaded.module)
         passed = True
         failure = None
+        if not self.options.dry_run and not any(s.options.get("allow_nonfinite") for s in verifies):
+            failure = nonfinite_reference(reference, self.verify_set)
+            if failure is not None:  # nothing can be verified against it: run no step
+                passed, steps = False, []
+                failure += "; check the inputs (`input x: f32[...] in LO .. HI`), or add `verify allow_nonfinite true`"
         for i, step in enumerate(steps):
             ts = time.perf_counter()
             if isinstance(step, T.Apply):

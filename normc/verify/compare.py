@@ -407,3 +407,25 @@ def verify_models(
             tol = Tolerance.default_for(first_floating_dtype(ref_leaves))
         per_input.append(compare_leaves(ref_leaves, new_leaves, tol))
     return summarize(merge_worst(per_input), len(inputs), tol)
+
+
+def nonfinite_reference(reference: Callable, inputs: list[tuple[tuple, dict]]) -> str | None:
+    """None when the original model's outputs are finite on every input, else what is not.
+
+    A comparison against NaN or Inf proves nothing (NaN == NaN counts as agreement), so a
+    reference that is not finite must fail verification unless the user allows it.
+    """
+    for i, (args, kwargs) in enumerate(inputs):
+        try:
+            out = reference.outputs(args, kwargs) if isinstance(reference, CachedReference) \
+                else run_model(reference, args, kwargs)
+        except Exception:  # noqa: BLE001 - verify_models reports the failure with its message
+            return None
+        for name, leaf in flatten_outputs(out):
+            if isinstance(leaf, torch.Tensor) and (leaf.is_floating_point() or leaf.is_complex()):
+                bad = int((~torch.isfinite(leaf)).sum())
+                if bad:
+                    nan = int(torch.isnan(leaf).sum())
+                    return (f"the original model's output `{name}` is not finite on verification input {i} "
+                            f"({nan} NaN, {bad - nan} Inf of {leaf.numel()} values): comparing against it proves nothing")
+    return None
