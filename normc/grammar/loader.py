@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from . import syntax_tree as T
@@ -52,7 +53,17 @@ def _add_module(program: Program, module: T.Module, prefix: str, group: str | No
 
 
 def std_modules() -> list[tuple[str, T.Module]]:
-    return [(p.stem, parse_file(p)) for p in sorted(STD_DIR.glob("*.nc"))]
+    """The standard library's modules, parsed once per process (and again if a file changes).
+
+    Every program shares these ASTs: nothing after parsing may change them except the loader's
+    `qualname`, which is `std.NAME` for every program."""
+    files = sorted(STD_DIR.glob("*.nc"))
+    return _parse_std(tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+
+
+@lru_cache(maxsize=2)
+def _parse_std(stamps: tuple) -> list[tuple[str, T.Module]]:
+    return [(Path(p).stem, parse_file(p)) for p, _, _ in stamps]
 
 
 def load_std() -> Program:
