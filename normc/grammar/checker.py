@@ -388,6 +388,10 @@ class Checker:
         except RefuseSite as err:
             self.error(e.loc, f"cannot compute `{name}` of `{rule}`: {err}")
             return
+        except Exception as err:  # noqa: BLE001 - the user's expression: "" < 2, rank(1), ...
+            self.error(e.loc, f"cannot compute `{name}` of `{rule}`: {type(err).__name__}: {str(err)[:200]}",
+                       "an argument of `apply` is a constant: numbers, strings, true/false and arithmetic")
+            return
         if isinstance(value, float) and not math.isfinite(value):
             self.error(e.loc, f"`{name}` of `{rule}` is not finite ({value})")
 

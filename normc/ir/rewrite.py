@@ -552,6 +552,8 @@ def _guard(ctx, params, m: Match, rule: T.Rule, source) -> str | None:
         return Evaluator(ctx, env).check(rule.where, source)
     except RefuseSite as e:
         return str(e)
+    except (RuntimeError, ValueError, IndexError, TypeError, ArithmeticError) as e:  # `where "" < 2`, shapes...
+        return f"the guard could not be evaluated here: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 def finish(gm: fx.GraphModule) -> None:

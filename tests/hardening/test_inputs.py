@@ -170,3 +170,17 @@ pipeline {{ apply r }}""")
     (rule,) = result.report["rules"]
     assert rule["applied"] == 0 and len(rule["skipped"]) == 1
     assert reason in rule["skipped"][0]["reason"]
+
+
+def test_apply_argument_of_the_wrong_kind_is_a_check_error():
+    # found by the fuzzer: these reached the evaluator and raised TypeError
+    for arg in ('rank(("" < -2))', "false[::2]"):
+        e = error_of(f"pipeline {{ apply std.smooth(alpha = {arg}) }}", "<string>")
+        assert "cannot compute `alpha` of `std.smooth`" in e.diagnostics[0].message
+
+
+def test_guard_that_cannot_be_evaluated_refuses_the_site():
+    program = load_rules(text='rule r { match y = relu(x) where "a" < 2 rewrite y = relu(x) }\npipeline { apply r }')
+    result = compile_model(program, loaded_model(nn.Sequential(nn.ReLU()).eval(), torch.randn(2, 3)), RunOptions(write=False))
+    (rule,) = result.report["rules"]
+    assert rule["applied"] == 0 and "could not be evaluated" in rule["skipped"][0]["reason"]
