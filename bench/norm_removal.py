@@ -8,11 +8,13 @@ LayerNorm) this builds
      (W' = W diag(scale), b' = b + W shift) and the norm removed (identity),
 
 checks that B computes what A does, and times both in eager torch and in onnxruntime
-(spinning off). Each variant is timed in its own contiguous block (warm-up, then N runs;
-median). The norms' share of A's run time is measured with torch.profiler (eager: the CPU
+(spinning off). Each variant is timed in its own contiguous block (warm-up, then N runs),
+in at least 5 rounds whose order rotates (A B, B A, ...); A/B is the median of the rounds'
+ratios (bench/_timing.py). The norms' share of A's run time is measured with torch.profiler (eager: the CPU
 time inside UnifiedNorm forwards / the whole forward) and with onnxruntime's node profiler
 (ONNX: time of the Mul/Add nodes that carry the norms' scale/shift / all node time); the
-speed-up is printed next to its limit 1 / (1 - share). Ratios only; no thresholds.
+speed-up is printed next to its limit 1 / (1 - share), and a warning line when it exceeds that
+limit or when the rounds disagree by more than 10 %. Ratios only; no thresholds.
 
 Folding: `normc.api.apply("examples/un_fold.nc", ...)` (the standard rules std.fixed_norm;
 rewrite done directly on the canonical graph).
@@ -23,10 +25,8 @@ rewrite done directly on the canonical graph).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -34,8 +34,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.fx as fx
-from _timing import time_block  # bench/ is on sys.path when a bench runs as a script
+from _timing import (  # bench/ on sys.path
+    Timing,
+    graph_share,
+    limit_of,
+    module_share,
+    ort_share,
+    ratio_warnings,
+    time_rotated,
+)
+from torch import fx
 
 ROOT = Path(__file__).resolve().parents[1]
 UN_FOLD_NC = ROOT / "examples" / "un_fold.nc"
@@ -56,104 +64,19 @@ def folded_model(loaded) -> tuple[fx.GraphModule, str, int]:
     return gm, f"normc.api.apply({UN_FOLD_NC.relative_to(ROOT)})", total - left
 
 
-# --------------------------------------------------------------------------- timing
-def time_ab(fns: list, runs: int, warmup: int, rounds: int) -> list[float]:
-    """Median seconds per variant. Each round times every variant in its own contiguous block
-    (warm-up, then `runs` calls), one after the other; medians are over all rounds' runs, so a
-    slow drift of the machine does not land on one variant only."""
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            times[i] += time_block(fn, runs, warmup)
-    return [statistics.median(t) for t in times]
-
-
-@contextlib.contextmanager
-def _quiet_fd2():
-    """Silence the C++ profiler's own start/stop lines on stderr (file descriptor 2)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
+# --------------------------------------------------------------------------- shares
 def eager_norm_share(module: torch.nn.Module, args: tuple, runs: int) -> float:
     """CPU time inside UnifiedNorm forwards / CPU time of the whole forward (torch.profiler)."""
-    from torch.autograd.profiler import record_function
-    from torch.profiler import ProfilerActivity, profile
-
     from normc.nn import FrozenAffineNorm
 
-    stack: list = []
-    handles = []
-    for m in module.modules():
-        if isinstance(m, FrozenAffineNorm):
-            def pre(mod, inp):
-                rf = record_function("normc::norm_forward")
-                rf.__enter__()
-                stack.append(rf)
-
-            def post(mod, inp, out):
-                stack.pop().__exit__(None, None, None)
-
-            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    try:
-        with torch.inference_mode():
-            module(*args)
-            with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(runs):
-                    with record_function("normc::model_forward"):
-                        module(*args)
-    finally:
-        for h in handles:
-            h.remove()
-    return _share(prof, "normc::norm_forward", "normc::model_forward")
+    return module_share(module, args, runs, lambda m: isinstance(m, FrozenAffineNorm))
 
 
 def graph_norm_share(gm: fx.GraphModule, args: tuple, runs: int) -> float:
     """The same share for a canonical graph: time inside its `fixed_norm` nodes / whole forward."""
-    import copy
-
-    from torch.autograd.profiler import record_function
-    from torch.profiler import ProfilerActivity, profile
-
     from normc.ir import ops
 
-    def profiled_fixed_norm(*a, **k):
-        with record_function("normc::norm_forward"):
-            return ops.fixed_norm(*a, **k)
-
-    g = copy.deepcopy(gm)
-    for n in g.graph.nodes:
-        if n.op == "call_function" and n.target is ops.fixed_norm:
-            n.target = profiled_fixed_norm
-    g.recompile()
-    with torch.inference_mode():
-        g(*args)
-        with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(runs):
-                with record_function("normc::model_forward"):
-                    g(*args)
-    return _share(prof, "normc::norm_forward", "normc::model_forward")
-
-
-def _share(prof, part: str, whole: str) -> float:
-    """Median over forwards of (time in `part` ranges inside the forward) / (the forward's time).
-    Per forward, so a scheduling stall lands on one sample instead of skewing a total."""
-    events = prof.events()
-    wholes = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == whole)
-    parts = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == part)
-    shares = []
-    for start, end in wholes:
-        inside = sum(pe - ps for ps, pe in parts if ps >= start and pe <= end)
-        if end > start:
-            shares.append(inside / (end - start))
-    return statistics.median(shares) if shares else float("nan")
+    return graph_share(gm, args, runs, {ops.fixed_norm})
 
 
 def _ort_options(threads: int | None, profile_prefix: str | None = None):
@@ -178,7 +101,6 @@ def ort_norm_share(path: Path, args: tuple, norm_tensors: list[np.ndarray], runs
     (onnxruntime profiler). A node is a norm node when one of its inputs is an initializer
     equal to some norm's scale or shift (the exporter folds their reshape into a constant)."""
     import onnx
-    import onnxruntime as ort
 
     from normc.backends.onnx_backend import run_onnx
 
@@ -201,26 +123,9 @@ def ort_norm_share(path: Path, args: tuple, norm_tensors: list[np.ndarray], runs
 
     norm_nodes = {n.name for n in model.graph.node if n.op_type in ("Mul", "Add")
                   and any(is_norm_const(i) for i in n.input)}
-    sess = ort.InferenceSession(str(path), sess_options=_ort_options(threads, str(workdir / "ortprof")),
-                                providers=["CPUExecutionProvider"])
-    for _ in range(3):
-        run_onnx(sess, args)
-    for _ in range(runs):
-        run_onnx(sess, args)
-    prof_file = sess.end_profiling()
-    events = json.loads(Path(prof_file).read_text())
-    Path(prof_file).unlink(missing_ok=True)
-    runs_ = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
-                   if e.get("cat") == "Session" and e.get("name") == "model_run")
-    nodes = [(e["ts"], e.get("dur", 0), e["name"][: -len("_kernel_time")] in norm_nodes) for e in events
-             if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")]
-    shares = []  # per run: norm node time / all node time (median over runs, as for eager)
-    for start, end in runs_[3:]:  # the first 3 runs are warm-up
-        inside = [(d, is_norm) for ts, d, is_norm in nodes if start <= ts <= end]
-        total = sum(d for d, _ in inside)
-        if total:
-            shares.append(sum(d for d, is_norm in inside if is_norm) / total)
-    return (statistics.median(shares) if shares else float("nan")), len(norm_nodes)
+    share = ort_share(path, lambda sess: run_onnx(sess, args), runs, _ort_options(threads, str(workdir / "ortprof")),
+                      lambda name, op_type: name in norm_nodes)
+    return share, len(norm_nodes)
 
 
 # --------------------------------------------------------------------------- one model
@@ -241,7 +146,12 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 
 def bench_model(name: str, opts) -> tuple[list[dict], dict]:
-    from normc.backends.onnx_backend import export_onnx, onnx_op_counts, ort_session, run_onnx
+    from normc.backends.onnx_backend import (
+        export_onnx,
+        onnx_op_counts,
+        ort_session,
+        run_onnx,
+    )
     from normc.nn import FrozenAffineNorm
     from normc.pipeline.runner import prepare_graph
 
@@ -274,14 +184,14 @@ def bench_model(name: str, opts) -> tuple[list[dict], dict]:
     # ---- eager torch: A and B in contiguous blocks
     say("timing eager torch")
     with torch.inference_mode():
-        t_a, t_b, t_c = time_ab([lambda: module(*args), lambda: folded(*args), lambda: canonical(*args)],
-                                runs, warmup, opts.rounds)
+        eager = time_rotated([lambda: module(*args), lambda: folded(*args), lambda: canonical(*args)],
+                             runs, warmup, opts.rounds)
     say("profiling the norms' share (eager)")
     n_prof = max(5, min(runs, 50))
     share_mod = eager_norm_share(module, args, n_prof)
     share_gm = graph_norm_share(canonical, args, n_prof)
-    rows.append(_row(name, "torch eager (nn.Module vs folded)", t_a, t_b, share_mod))
-    rows.append(_row(name, "torch eager (canonical vs folded)", t_c, t_b, share_gm))
+    rows.append(_row(name, "torch eager (nn.Module vs folded)", eager, 0, 1, share_mod))
+    rows.append(_row(name, "torch eager (canonical vs folded)", eager, 2, 1, share_gm))
 
     # ---- onnxruntime
     if not opts.no_onnx:
@@ -296,7 +206,7 @@ def bench_model(name: str, opts) -> tuple[list[dict], dict]:
             oa, ob = run_onnx(sa, args)[0], run_onnx(sb, args)[0]
             info["onnx_max_abs_err"] = max(max_err(ref, torch.from_numpy(oa))[0], max_err(ref, torch.from_numpy(ob))[0])
             say("timing onnxruntime")
-            o_a, o_b = time_ab([lambda: run_onnx(sa, args), lambda: run_onnx(sb, args)], runs, warmup, opts.rounds)
+            ort_t = time_rotated([lambda: run_onnx(sa, args), lambda: run_onnx(sb, args)], runs, warmup, opts.rounds)
             del sa, sb
             tensors = []
             for m in norms:
@@ -306,14 +216,15 @@ def bench_model(name: str, opts) -> tuple[list[dict], dict]:
             say("profiling the norms' share (onnxruntime)")
             share_ort, n_nodes = ort_norm_share(pa, args, tensors, n_prof, opts.threads, tmp)
             info["onnx_norm_nodes"] = n_nodes
-            rows.append(_row(name, "onnxruntime (original vs folded)", o_a, o_b, share_ort))
+            rows.append(_row(name, "onnxruntime (original vs folded)", ort_t, 0, 1, share_ort))
     return rows, info
 
 
-def _row(model, backend, a, b, share):
-    limit = 1.0 / (1.0 - share) if share == share and share < 1 else float("inf")
-    return {"model": model, "backend": backend, "a_ms": a * 1e3, "b_ms": b * 1e3, "speedup": a / b,
-            "norm_share": share, "limit": limit}
+def _row(model, backend, timing: Timing, a: int, b: int, share: float) -> dict:
+    limit = limit_of(share)
+    return {"model": model, "backend": backend, "a_ms": timing.medians[a] * 1e3, "b_ms": timing.medians[b] * 1e3,
+            "speedup": timing.ratio(a, b), "round_ratios": timing.ratios(a, b), "norm_share": share, "limit": limit,
+            "warnings": ratio_warnings(f"{model} {backend}", timing, a, b, limit)}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -332,8 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=None, help="un-gpt sequence length (default: the size's)")
     p.add_argument("--runs", type=int, default=None, help="timed runs per block (default 200 small, 8 base)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up runs per block (default 10 small, 2 base)")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="rounds of A-block, B-block (default 5 small, 1 base); medians over all rounds")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds of blocks, order rotated each round (at least 5); A/B = median of the rounds' ratios")
     p.add_argument("--threads", type=int, default=None,
                    help="torch and onnxruntime intra-op threads (default 1 small: tiny ops gain nothing from "
                         "more and suffer thread wake-up stalls on a shared machine; all cores base)")
@@ -342,9 +253,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the rows and details here")
     opts = p.parse_args(argv)
     base = opts.size == "base"
-    opts.runs = opts.runs or (8 if base else 200)
+    opts.runs = opts.runs or (4 if base else 100)
     opts.warmup = opts.warmup if opts.warmup is not None else (2 if base else 10)
-    opts.rounds = opts.rounds or (1 if base else 5)
     if opts.threads is None and not base:
         opts.threads = 1
     if opts.threads:
@@ -352,8 +262,8 @@ def main(argv=None) -> int:
     print(f"normc bench: norm removal (UnifiedNorm folded into the next linears), size={opts.size}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} torch / {opts.threads or 'default'} onnxruntime "
           f"threads, {os.cpu_count()} cores, "
-          f"{opts.rounds} round(s) of A block, B block, each runs={opts.runs} after warm-up={opts.warmup}; "
-          f"A = original, B = folded, medians")
+          f"{opts.rounds} rounds of blocks in rotated order, each runs={opts.runs} after warm-up={opts.warmup}; "
+          f"A = original, B = folded; A/B = median of the rounds' ratios")
     all_rows, infos = [], []
     t0 = time.perf_counter()
     for name in [m.strip() for m in opts.models.split(",") if m.strip()]:
@@ -376,6 +286,9 @@ def main(argv=None) -> int:
     print_table(all_rows)
     print(f"\nshare: time inside the norms / whole forward in A (torch.profiler; onnxruntime node profiler). "
           f"limit = 1/(1-share): the speed-up if the norms cost nothing. total {time.perf_counter() - t0:.1f}s")
+    for r in all_rows:
+        for w in r["warnings"]:
+            print(w)
     if opts.json:
         opts.json.write_text(json.dumps({"rows": all_rows, "models": infos}, indent=2, default=str))
     return 0

@@ -16,9 +16,11 @@ then times both, per batch size, in
                             B = converted graph at opset 23 (RMSNormalization); sessions from
                             normc.backends.onnx_backend.ort_session (thread spinning off)
 
-Every variant is timed in its own contiguous block (warm-up, then --runs calls), A then B, for
---rounds rounds; medians over all runs. Prints A/B ratios (> 1: the converted model is faster).
-No thresholds. The converted graphs are specialised to their batch size: the conversion runs once
+Every variant is timed in its own contiguous block (warm-up, then --runs calls), for --rounds
+(at least 5) rounds whose order rotates (A B, B A, ...); A/B is the median of the rounds' ratios
+(bench/_timing.py). Prints A/B ratios (> 1: the converted model is faster) next to the limit
+1/(1 - LayerNorm share of A) (B still normalizes, so it cannot gain more), and a warning line
+when a ratio exceeds its limit or the rounds disagree by more than 10 %. No thresholds. The converted graphs are specialised to their batch size: the conversion runs once
 per batch size (verification on the example input only, to keep batch 8 affordable).
 
     python bench/prenorm.py                                  # 12 layers, d=768, seq 128, batch 1 and 8
@@ -29,14 +31,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from _timing import time_block  # bench/ is on sys.path when a bench runs as a script
+from _timing import (  # bench/ on sys.path
+    graph_share,
+    limit_of,
+    module_share,
+    ort_share,
+    ratio_warnings,
+    time_rotated,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "prenorm_to_rmsnorm.nc"
@@ -69,16 +77,6 @@ def logits(out):
 
 
 # --------------------------------------------------------------------------- timing
-def time_ab(fa, fb, runs: int, warmup: int, rounds: int) -> tuple[float, float]:
-    """Median seconds of A and B; each round: A's contiguous block, then B's."""
-    ta: list[float] = []
-    tb: list[float] = []
-    for _ in range(rounds):
-        ta += time_block(fa, runs, warmup)
-        tb += time_block(fb, runs, warmup)
-    return statistics.median(ta), statistics.median(tb)
-
-
 @contextlib.contextmanager
 def stage(msg: str, quiet: bool):
     t0 = time.perf_counter()
@@ -92,7 +90,13 @@ def stage(msg: str, quiet: bool):
 # --------------------------------------------------------------------------- one batch size
 def bench_batch(model, batch: int, opts, tmp: Path) -> tuple[list[dict], dict]:
     import normc.api
-    from normc.backends.onnx_backend import check_onnx, export_onnx, onnx_op_counts, ort_session
+    from normc.backends.onnx_backend import (
+        check_onnx,
+        export_onnx,
+        onnx_op_counts,
+        ort_session,
+    )
+    from normc.ir import ops
     from normc.pipeline import prepare_graph
 
     quiet = opts.quiet
@@ -121,12 +125,13 @@ def bench_batch(model, batch: int, opts, tmp: Path) -> tuple[list[dict], dict]:
 
         def eager(m):
             return lambda: m(ids)
-        with stage("timing torch eager (HF module vs converted)", quiet):
-            a, b = time_ab(eager(model), eager(conv), opts.runs, opts.warmup, opts.rounds)
-        rows.append(("torch eager: HF module vs converted", batch, a, b))
-        with stage("timing torch eager (canonical LN graph vs converted)", quiet):
-            a, b = time_ab(eager(canon), eager(conv), opts.runs, opts.warmup, opts.rounds)
-        rows.append(("torch eager: same fx graph, LN vs RMS", batch, a, b))
+        with stage("timing torch eager (HF module, converted, canonical LN graph)", quiet):
+            t = time_rotated([eager(model), eager(conv), eager(canon)], opts.runs, opts.warmup, opts.rounds)
+        with stage("profiling the LayerNorms' share (eager)", quiet):
+            share_hf = module_share(model, (ids,), max(3, opts.runs), lambda m: isinstance(m, torch.nn.LayerNorm))
+            share_canon = graph_share(canon, (ids,), max(3, opts.runs), {ops.layer_norm})
+        rows.append(("torch eager: HF module vs converted", batch, t, 0, 1, share_hf))
+        rows.append(("torch eager: same fx graph, LN vs RMS", batch, t, 2, 1, share_canon))
 
     if not opts.no_onnx:
         pa, pb = tmp / f"orig_b{batch}.onnx", tmp / f"rms_b{batch}.onnx"
@@ -144,21 +149,36 @@ def bench_batch(model, batch: int, opts, tmp: Path) -> tuple[list[dict], dict]:
         feed_a = {sa.get_inputs()[0].name: ids.numpy()}
         feed_b = {sb.get_inputs()[0].name: ids.numpy()}
         with stage("timing onnxruntime", quiet):
-            a, b = time_ab(lambda: sa.run(None, feed_a), lambda: sb.run(None, feed_b),
-                           opts.runs, opts.warmup, opts.rounds)
-        rows.append((f"onnxruntime: LayerNormalization (opset {opts.orig_opset}) vs RMSNormalization (23)", batch, a, b))
+            t = time_rotated([lambda: sa.run(None, feed_a), lambda: sb.run(None, feed_b)],
+                             opts.runs, opts.warmup, opts.rounds)
+        with stage("profiling the LayerNorms' share (onnxruntime)", quiet):
+            import onnxruntime as ort
+            so = ort.SessionOptions()
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = opts.threads, 1, 3
+            so.enable_profiling, so.profile_file_prefix = True, str(tmp / f"ortprof_b{batch}")
+            share_ort = ort_share(pa, lambda sess: sess.run(None, {sess.get_inputs()[0].name: ids.numpy()}),
+                                  max(3, opts.runs), so, lambda name, op_type: op_type == "LayerNormalization")
+        rows.append((f"onnxruntime: LayerNormalization (opset {opts.orig_opset}) vs RMSNormalization (23)", batch, t, 0, 1,
+                     share_ort))
         del sa, sb
         for p in (pa, pb):
             p.unlink(missing_ok=True)
-    return [{"backend": r[0], "batch": r[1], "A_ms": r[2] * 1e3, "B_ms": r[3] * 1e3, "A/B": r[2] / r[3]}
-            for r in rows], detail
+    out = []
+    for backend, b, timing, ia, ib, share in rows:
+        limit = limit_of(share)
+        out.append({"backend": backend, "batch": b, "A_ms": timing.medians[ia] * 1e3, "B_ms": timing.medians[ib] * 1e3,
+                    "A/B": timing.ratio(ia, ib), "round_ratios": timing.ratios(ia, ib), "ln_share": share,
+                    "limit": limit, "warnings": ratio_warnings(f"{backend}, batch {b}", timing, ia, ib, limit)})
+    return out, detail
 
 
 def print_table(rows: list[dict]) -> None:
     w = max(len(r["backend"]) for r in rows)
-    print(f"{'backend':<{w}}  {'batch':>5}  {'A ms':>9}  {'B ms':>9}  {'A/B':>6}")
+    print(f"{'backend':<{w}}  {'batch':>5}  {'A ms':>9}  {'B ms':>9}  {'A/B':>6}  {'LN share':>8}  {'limit':>6}")
     for r in rows:
-        print(f"{r['backend']:<{w}}  {r['batch']:>5}  {r['A_ms']:>9.2f}  {r['B_ms']:>9.2f}  {r['A/B']:>6.3f}")
+        print(f"{r['backend']:<{w}}  {r['batch']:>5}  {r['A_ms']:>9.2f}  {r['B_ms']:>9.2f}  {r['A/B']:>6.3f}  "
+              f"{100 * r['ln_share']:>7.1f}%  {r['limit']:>6.3f}")
 
 
 def main(argv=None) -> int:
@@ -169,9 +189,10 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=8192, help="GPT-2 has 50257; 8192 keeps the head from dominating")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    p.add_argument("--runs", type=int, default=10, help="timed runs per block")
+    p.add_argument("--runs", type=int, default=4, help="timed runs per block")
     p.add_argument("--warmup", type=int, default=2, help="warm-up runs per block")
-    p.add_argument("--rounds", type=int, default=1, help="A-block-then-B-block rounds (medians over all)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds of blocks, order rotated each round (at least 5); A/B = median of the rounds' ratios")
     p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
     p.add_argument("--attn", default="eager", choices=["eager", "sdpa"], help="transformers attention implementation")
     p.add_argument("--orig-opset", type=int, default=18, help="opset of the original's ONNX (LayerNormalization >= 17)")
@@ -203,7 +224,11 @@ def main(argv=None) -> int:
                  f"{d['ort_B_vs_original_max_rel']:.2e}" if "onnx_A_norm_ops" in d else ""))
     print()
     print_table(rows)
-    print("A = original (LayerNorm), B = converted (RMSNorm); A/B > 1: B is faster. Medians; no thresholds.")
+    print("A = original (LayerNorm), B = converted (RMSNorm); A/B > 1: B is faster; A/B is the median of the rounds' "
+          "ratios. LN share: time in A's LayerNorms (torch.profiler; onnxruntime node profiler); limit = 1/(1-share).")
+    for r in rows:
+        for w in r["warnings"]:
+            print(w)
     if opts.json:
         opts.json.write_text(json.dumps({"rows": rows, "details": details, "argv": sys.argv[1:]}, indent=2))
     return 0
