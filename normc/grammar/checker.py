@@ -342,6 +342,8 @@ class Checker:
                     else:
                         self.check_option_value("verify approx", k, v, step.loc)
             elif isinstance(step, T.Calibrate):
+                if "\0" in step.source:
+                    self.error(step.loc, "a path cannot contain a NUL character (\\0)", "remove it from the path")
                 if step.samples is not None and step.samples < 1:
                     self.error(step.loc, f"`calibrate ... samples {step.samples}` must be at least 1",
                                "give the number of calibration samples to use")
@@ -350,6 +352,8 @@ class Checker:
                     self.error(step.loc, f"unknown export format `{step.format}`",
                                did_you_mean(step.format, EXPORT_FORMATS) or f"use one of {', '.join(EXPORT_FORMATS)}")
                 else:
+                    if step.path is not None and "\0" in step.path:
+                        self.error(step.loc, "a path cannot contain a NUL character (\\0)", "remove it from the path")
                     for k, v in step.options.items():
                         if k not in EXPORT_FORMATS[step.format]:
                             self.error(step.loc, f"`export {step.format}` has no option `{k}`",
@@ -426,7 +430,7 @@ def check_export_paths(program: Program, output=None, allow_outside_writes: bool
     roots = [Path.cwd().resolve()] + ([Path(output).resolve().parent] if output is not None else [])
     diags = []
     for step in program.main.pipeline.steps:
-        if isinstance(step, T.Export) and step.path is not None:
+        if isinstance(step, T.Export) and step.path is not None and "\0" not in step.path:  # NUL: a check error
             target = Path(step.path).resolve()
             if not any(target.is_relative_to(root) for root in roots):
                 diags.append(Diagnostic(step.loc, f"`export ... to \"{step.path}\"` writes outside the current folder"

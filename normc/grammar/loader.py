@@ -142,6 +142,8 @@ class _Imports:
         def refuse(message, hint):
             raise NcError([Diagnostic(use.loc, message, hint)], module.source)
 
+        if "\0" in use.target:  # the OS cannot name it (and Path.resolve raises ValueError)
+            refuse("a path cannot contain a NUL character (\\0)", "remove it from the path")
         if not use.target.endswith(".nc"):
             refuse(f"`{use.target}` is not a rules file", "`use` reads only .nc files")
         allowed = [base, *self.roots, STD_DIR]

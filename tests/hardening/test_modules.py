@@ -161,3 +161,12 @@ def test_cli_export_containment(tmp_path, monkeypatch):
     allowed = CliRunner().invoke(main, ["apply", str(rules), "zoo:cnn", "--samples", "1", "--allow-outside-writes"])
     assert allowed.exit_code == 0, allowed.output
     assert (tmp_path / "escaped.safetensors").exists()
+
+
+@pytest.mark.parametrize("source", ['use "a\\0b.nc"\n', 'pipeline {\n  export torch to "x\\0.pt2"\n}\n',
+                                    'pipeline {\n  calibrate from "x\\0.pt"\n}\n'])
+def test_nul_in_a_path_is_located(source):
+    # found by tools/fuzz_nc.py: Path.resolve raised ValueError (embedded null byte)
+    with pytest.raises(NcError) as info:
+        load_rules(text=source)
+    assert "cannot contain a NUL character" in info.value.diagnostics[0].message
