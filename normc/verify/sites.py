@@ -130,6 +130,7 @@ def _extract(gm: fx.GraphModule, nodes: list, outputs: list | None, exact: dict 
 def walk_back(outputs: list, stop: set) -> list:
     """The nodes computing `outputs` from `stop`, parameters and graph inputs, in graph order."""
     seen: set = set()
+    stop = set(stop) - set(outputs)  # a value that is cut elsewhere is computed where it is an output
     stack = list(outputs)
     while stack:
         n = stack.pop()
@@ -261,14 +262,18 @@ class SiteChecker:
         values = [_capture(gm, needed, args, kwargs) for args, kwargs in self.inputs]
         self._regions.append((rule, pieces, values))
 
-    def regions_after(self, gm: fx.GraphModule, mapping: dict) -> None:
-        """The same regions in the graph after the pass (`mapping`: old node -> the node that took its place);
-        each is checked now, then dropped."""
+    def regions_after(self, gm: fx.GraphModule, same: dict, related: dict) -> None:
+        """The same regions in the graph after the pass, each checked now, then dropped. `same`: old node ->
+        the node that now computes the same value; `related`: old node -> the node that now carries its
+        value under the region's relation (a node in neither is its own counterpart)."""
         rule, pieces, values = self._regions.pop()
+
+        def now(n, rel):
+            return (same if rel is None else related).get(n, n)
         for r, orig in pieces:
-            outs = [mapping.get(n, n) for n, _ in r.outputs]
+            outs = [now(n, rel) for n, rel in r.outputs]
             cut_rel = {n: rel for n, rel in r.cuts}
-            new_cuts = {mapping.get(n, n): n for n, _ in r.cuts}
+            new_cuts = {now(n, rel): n for n, rel in r.cuts}
             case = _Case(rule, r.site, r.key, r.path, orig, n_out=len(outs), relations=[rel for _, rel in r.outputs])
             try:
                 case.new = _extract(gm, walk_back(outs, set(new_cuts)), outs, self.exact)
