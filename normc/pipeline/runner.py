@@ -102,8 +102,11 @@ def input_specs_from_decls(decls: list[T.InputDecl]) -> list[InputSpec]:
 
 
 def prepare_graph(loaded: LoadedModel) -> tuple[fx.GraphModule, dict]:
-    """Trace and canonicalize a private copy of the model (the user's module is never mutated)."""
-    traced = trace_model(loaded)  # works on a copy of the weights
+    """Trace and canonicalize a private copy of the model (the user's module is never mutated): its own
+    module objects, the user's weight tensors (rewrites create new tensors, never write into one)."""
+    if loaded.exported_program is None:
+        loaded = dataclasses.replace(loaded, module=share_weights_copy(loaded.module))
+    traced = trace_model(loaded, copy_weights=False)
     gm = traced.graph_module
     canonicalize(gm, recognize=False)
     annotate_shapes(gm, loaded.example_args, loaded.example_kwargs)  # recognizers read shapes
@@ -504,11 +507,11 @@ def _run_extern(rule: T.ExternPass, gm, ctx, args, scope, runner, loaded, observ
     return report
 
 
-def share_weights_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of the graph module that shares its parameters and buffers (rewrites create new tensors and
-    never write into existing ones, so a snapshot needs no copy of the weights)."""
-    memo = {id(t): t for t in list(gm.parameters()) + list(gm.buffers())}
-    return copy.deepcopy(gm, memo)
+def share_weights_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a module (a graph module, a model) that shares its parameters and buffers: rewrites create
+    new tensors and never write into existing ones, so a snapshot needs no copy of the weights."""
+    memo = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return copy.deepcopy(module, memo)
 
 
 def _verify_summary(v: VerifyResult | None, passed: bool, failure: str | None) -> dict:

@@ -168,3 +168,19 @@ def test_checker_references_weights_and_keeps_no_activation_of_its_own():
     results = checker.check(gm)
     assert len(results) == rep.applied and all(r.max_rel_err <= 1e-12 for r in results)
     assert checker.cases == [] and checker.exact == {}  # released after the check
+
+
+def test_run_shares_the_models_weights_and_leaves_the_model_untouched():
+    """No copy of the weights for the graph or for verification: the tensors a run did not rewrite are the
+    model's own, and the model (modules and tensors) is exactly as it was."""
+    program = nc.load_rules(text="pipeline {\n  apply std.fold_bn_conv\n  verify dtype f64\n}")
+    lm = nc.load(program, "zoo:cnn")
+    before = {k: v.clone() for k, v in lm.module.state_dict().items()}
+    keys = {v.untyped_storage().data_ptr() for v in lm.module.state_dict().values() if v.numel()}
+    result = compile_model(program, lm, RunOptions(write=False))
+    assert result.passed, result.report["verify"]["failure"]
+    after = lm.module.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    gm = result.graph_module
+    shared = [t for t in gm.parameters() if t.untyped_storage().data_ptr() in keys]
+    assert shared, "the graph holds copies of the model's weights"
