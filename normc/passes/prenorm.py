@@ -540,7 +540,9 @@ def _recentre(gm, action: _Action, untie: bool, notes: list, compress: bool = Fa
         if compress and axis is not None:  # Pre-CRMSNorm: the zero-mean stream is stored without its last coordinate
             value = _drop_last(value, axis).contiguous()
         sharers = [u for u in param_users(gm, p) if u is not action.node]
-        exact = (lambda t=t, axis=axis, scale=action.scale: _centred(t, axis, scale, torch.float64))
+        def exact(t=t, axis=axis, scale=action.scale):
+            value = _centred(t, axis, scale, torch.float64)
+            return _drop_last(value, axis) if compress and axis is not None else value
         if not untie:
             # every name holding the tensor gets the recentred one (a tied head follows: wrong when tied);
             # never written in place: the original model and the per-site checks still read the old one
@@ -552,7 +554,7 @@ def _recentre(gm, action: _Action, untie: bool, notes: list, compress: bool = Fa
             notes.append(f"untied `{p.target}`: recentred for `{site_name(action.node)}`, "
                          f"left as it was for {', '.join('`' + site_name(u) + '`' for u in sharers[:3])}")
         target = new_param(gm, f"{module_path(action.node) or p.target}.{'bias' if i == 1 else 'weight'}", value)
-        if observer is not None and not compress:
+        if observer is not None:
             observer.param_value(target, exact)
         with graph.inserting_before(action.node):
             q = graph.get_attr(target)
@@ -676,20 +678,21 @@ def to_rmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_run
     return report
 
 
-def _blocks(streams: list) -> list:
+def _blocks(streams: list, compressed: bool = False) -> list:
     """The regions the per-site float64 check evaluates: one per value the LayerNorms read, from the
     values the other LayerNorms read (a block of the model) to it and its LayerNorms' outputs. The
     stream values are centred in the new graph; the LayerNorm outputs are the same."""
-    from ..verify.sites import CENTRED, Region
+    from ..verify.sites import CENTRED, COMPRESSED, Region
+    relation = COMPRESSED if compressed else CENTRED
     by_input: dict = {}
     for stream in streams:
         for ln in stream.readers:
             by_input.setdefault(ln.args[0], []).append(ln)
     regions = []
     for v, lns in by_input.items():
-        cuts = [(u, CENTRED) for u in by_input if u is not v]
+        cuts = [(u, relation) for u in by_input if u is not v]
         regions.append(Region(f"block:{lns[0].name}", site_name(lns[0]), module_path(lns[0]),
-                              [(ln, None) for ln in lns] + [(v, CENTRED)], cuts))
+                              [(ln, None) for ln in lns] + [(v, relation)], cuts))
     return regions
 
 
@@ -738,7 +741,8 @@ def _chain(action: _Action, stream: _Stream) -> list:
     return out
 
 
-def to_crmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_run=False, untie=True) -> RuleReport:
+def to_crmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_run=False, untie=True,
+                observer=None) -> RuleReport:
     """Pre-LN -> Pre-CRMSNorm: the zero-mean stream keeps d-1 coordinates (the last is minus their sum).
 
     Writers are recentred and lose their last output row; reshapes on the stream are resized;
@@ -764,9 +768,13 @@ def to_crmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_ru
                        reason) or dry_run:
             continue
         accepted.append((stream, resize))
+    if observer is not None and accepted:
+        observer.regions_before(gm, report.name, _blocks([st for st, _ in accepted], compressed=True))
+    stream_now: dict = {}
+    same: dict = {}
     for stream, resize in accepted:
         for action in stream.actions:
-            _recentre(gm, action, True, report.notes, compress=True)
+            _recentre(gm, action, True, report.notes, compress=True, observer=observer, mapping=stream_now)
         _bypass(stream)
         for node, pos in resize:
             shape = list(node.args[1])
@@ -774,20 +782,22 @@ def to_crmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_ru
             node.args = (node.args[0], type(node.args[1])(shape)) + tuple(node.args[2:])
     for stream, _ in accepted:
         for ln in stream.readers:
-            _to_crms(gm, ln)
+            same[ln] = _to_crms(gm, ln)
+    if observer is not None and accepted:
+        observer.regions_after(gm, same, stream_now)
     _note_centring(report, [s for s, _ in accepted])
     if report.applied and not dry_run:
         finish(gm)
         from ..grammar.loader import load_std
         from ..ir.rewrite import apply_rule
         rule = load_std().rules["std.compress_crms_readers"]
-        n = apply_rule(gm, rule).applied
+        n = apply_rule(gm, rule, observer=observer).applied  # its sites are checked like any rule's
         report.notes.append(f"{n} CRMSNorm reader(s) compressed into the linears after them "
                             "(the others rebuild the full vector)")
     return report
 
 
-def _to_crms(gm, ln: fx.Node) -> None:
+def _to_crms(gm, ln: fx.Node) -> fx.Node:
     graph = gm.graph
     args = list(ln.args) + [None] * (3 - len(ln.args))
     with graph.inserting_before(ln):
@@ -797,3 +807,4 @@ def _to_crms(gm, ln: fx.Node) -> None:
     new.meta["normc_path"], new.meta["normc_module_type"] = module_path(ln), ln.meta.get("normc_module_type", "")
     ln.replace_all_uses_with(new)
     graph.erase_node(ln)
+    return new

@@ -64,9 +64,12 @@ class StepRecord:
     checker: SiteChecker | None = None   # records the step's sites for the per-site float64 check
     site_checks: list[SiteResult] = field(default_factory=list)  # each exact site in float64
     unchecked: list[str] = field(default_factory=list)  # rules of this step whose sites nothing checks
+    note: str = ""  # why the step checked nothing
 
     def to_dict(self):
         d = {"step": self.step, "seconds": round(self.seconds, 4), "approximate": self.approximate}
+        if self.note:
+            d["note"] = self.note
         if self.verify_calibration is not None:
             d["verify_calibration"] = self.verify_calibration.to_dict()
         if self.culprits:
@@ -214,7 +217,12 @@ class _Runner:
                     record.checker = None
             elif isinstance(step, T.Verify):
                 record = StepRecord("verify")
-                if not self.options.dry_run:
+                f64 = DTYPE_NAMES.get(str(step.options.get("dtype", ""))) == torch.float64
+                if f64 and not self.options.dry_run and not any(
+                        r.applied for s in self.steps for r in s.rules if r.kind == "exact"):
+                    # the model is unchanged by exact rewrites: nothing to check, and no pass is claimed
+                    record.note = "no exact site was rewritten: nothing to check in float64"
+                elif not self.options.dry_run:
                     record.verify = self.verify_step(reference, gm, step, out_dtype)
                     if record.verify.sites is not None:  # per-site float64: the failing sites are the culprits
                         record.culprits = [{"rule": c.rule, "site": c.site, "key": c.key,

@@ -147,12 +147,60 @@ def test_wrong_rule_below_fp32_rounding_is_caught_in_float64(cnn_folder):
     assert all(1e-11 < s["max_rel_err"] < 1e-7 and not s["passed"] for s in f64["sites"]), f64["sites"]
 
 
-def test_f64_check_of_no_site_is_a_failure():
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return x @ (self.w * 2)
+
+
+def test_f64_check_of_no_site_is_a_failure(monkeypatch):
+    # a pass that rewrites the model but records no site for the float64 check (std.fold_constants
+    # stripped of its observer): the float64 check covers nothing, and that is no pass
+    from normc.passes import constants
+    fold = constants.fold_constants
+
+    def silent_fold(gm, *, ctx=None, scope=None, loaded=None, dry_run=False):
+        return fold(gm, ctx=ctx, scope=scope, loaded=loaded, dry_run=dry_run)
+    monkeypatch.setattr(constants, "fold_constants", silent_fold)
+    program = load_rules(text="pipeline {\n  apply std.fold_constants\n  verify rel 1e-5\n  verify dtype f64\n}")
+    x = torch.randn(3, 4)
+    result = compile_model(program, LoadedModel(Scaled().eval(), (x,), {}, [InputSpec.from_example("x", x)], "s", False),
+                           RunOptions(write=False, verify_inputs=1))
+    assert result.report["rules"][0]["applied"] == 1 and result.report["steps"][1]["verify"]["passed"]  # fp32
+    assert not result.passed
+    f64 = _f64(result.report)
+    assert f64["sites_checked"] == 0 and not f64["passed"]
+    assert "checked no site" in result.report["verify"]["failure"]
+    assert "does not record its sites" in f64["sites"][0]["reason"]
+
+
+def test_folded_constants_are_checked_per_site():
+    program = load_rules(text="pipeline {\n  apply std.fold_constants\n  verify rel 1e-5\n  verify dtype f64\n}")
+    x = torch.randn(3, 4)
+    result = compile_model(program, LoadedModel(Scaled().eval(), (x,), {}, [InputSpec.from_example("x", x)], "s", False),
+                           RunOptions(write=False, verify_inputs=1))
+    _assert_exact_per_site(result, "std.fold_constants", 1)
+
+
+def test_crms_checks_every_block_in_float64():
+    program = nc.load_rules(text="pipeline {\n  apply std.prenorm_to_crmsnorm\n  verify rel 1e-4\n  verify dtype f64\n}")
+    result = compile_model(program, nc.load(program, "zoo:gpt2"), RunOptions(write=False, verify_inputs=2))
+    assert result.passed, result.report["verify"]["failure"]
+    sites = _f64(result.report)["sites"]
+    rules = {s["rule"] for s in sites}
+    assert rules == {"std.prenorm_to_crmsnorm", "std.compress_crms_readers"}, rules
+    assert all(s["max_rel_err"] <= 1e-12 for s in sites), sites
+
+
+def test_f64_check_after_no_rewrite_claims_nothing():
     program = load_rules(text="pipeline {\n  apply std.fold_bn_conv\n  verify dtype f64\n}")
     result = compile_model(program, _upcast_model(), RunOptions(write=False))
-    assert not result.passed
-    assert "checked no site" in result.report["verify"]["failure"]
-    assert _f64(result.report)["sites_checked"] == 0
+    assert result.passed  # the model is unchanged
+    step = result.report["steps"][-1]
+    assert step["step"] == "verify" and "verify" not in step and "nothing to check" in step["note"]
 
 
 def test_checker_references_weights_and_keeps_no_activation_of_its_own():
