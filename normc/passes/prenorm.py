@@ -528,7 +528,7 @@ def _recentre(gm, action: _Action, untie: bool, notes: list, compress: bool = Fa
         last = _insert_centring(gm, action.node, compress)
         if mapping is not None:
             mapping[action.node] = last
-        return None
+        return
     graph = gm.graph
     for i, p in enumerate(action.param_nodes):
         if p is None:

@@ -19,8 +19,8 @@ before the pass, the new one on those values mapped by the relation, both in flo
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -316,7 +316,7 @@ class SiteChecker:
                 n_in += 1
                 for case in active:
                     orig_in = [got.get(resolved[n]) for n in case.original.inputs]
-                    self._run_case(case, orig_in, lambda node: got.get(resolved[node]))
+                    self._run_case(case, orig_in, lambda node, got=got: got.get(resolved[node]))
         self.results.extend(self._result(c, n_in) for c in self.cases)
         self.cases, self.forward, self.exact = [], {}, {}
         return self.results

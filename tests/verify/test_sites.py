@@ -10,9 +10,9 @@ import torch.nn as nn
 import normc.api as nc
 from normc.api import load_rules
 from normc.frontend.specs import InputSpec, LoadedModel
+from normc.ir.rewrite import apply_rule
 from normc.pipeline import RunOptions, compile_model
 from normc.pipeline.runner import prepare_graph
-from normc.ir.rewrite import apply_rule
 from normc.verify.sites import SiteChecker
 from tests.fixtures.wrong_rules import fold_without_mean
 
