@@ -88,8 +88,10 @@ class SiteObserver(Protocol):
     def site_matched(self, gm: fx.GraphModule, match: Match, rule: T.Rule) -> object:
         """Called once a site is planned, before the graph changes; returns a token for site_emitted."""
 
-    def site_emitted(self, token: object, record: SiteRecord, created: list[fx.Node]) -> None:
-        """Called after the site's replacement is in the graph."""
+    def site_emitted(self, token: object, record: SiteRecord, created: list[fx.Node],
+                     values: dict[fx.Node, torch.Tensor]) -> None:
+        """Called after the site's replacement is in the graph; `values`: each new parameter node's value
+        as the rule computed it (float64), before it was stored in the parameter's dtype."""
 
 
 class MathError(RefuseSite):
@@ -208,8 +210,9 @@ _FRESH = object()  # marks a name a rewrite creates, before its node exists
 
 
 class _Emitter:
-    def __init__(self, gm, env, before: fx.Node, root: fx.Node, names: dict | None = None):
+    def __init__(self, gm, env, before: fx.Node, root: fx.Node, names: dict | None = None, values: dict | None = None):
         self.gm, self.env, self.before, self.root, self.names = gm, env, before, root, names
+        self.values = values  # new parameter node -> its value as computed (kept only for an observer)
         self.created: list[fx.Node] = []
         self.owner: fx.Node | None = None  # the matched node whose module a new parameter belongs to
         self.owner_op: str = ""
@@ -230,6 +233,8 @@ class _Emitter:
                 # that it exists walks the module tree through its slowest lookups
                 node = self.gm.graph.create_node("get_attr", target)
             node.meta["normc_path"] = owner
+            if self.values is not None:
+                self.values[node] = plan.value
             self.created.append(node)
             return node
         self.owner, self.owner_op = plan.inherit, plan.schema.name
@@ -277,10 +282,11 @@ def plan_site(gm, rule: T.Rule, match: Match, ctx: EvalContext, params: dict):
 
 
 def emit_site(gm, match: Match, env: dict, plans, replaced: dict | None = None, *,
-              names: dict | None = None, stats: RuleStats | None = None) -> list[fx.Node]:
+              names: dict | None = None, stats: RuleStats | None = None, values: dict | None = None) -> list[fx.Node]:
     """Put a planned site into the graph: emit the new nodes, point the readers of each replaced value
     at its replacement, erase what the site left dead (walking back from the replaced nodes only) and
-    record the new nodes' shapes. Returns the new nodes. `names`: new_param's memo of used suffixes."""
+    record the new nodes' shapes. Returns the new nodes. `names`: new_param's memo of used suffixes;
+    `values`: filled with each new parameter node's value as computed (float64)."""
     created = []
     olds = []
     # new names (`rewrite n = ...` for an n the pattern did not bind) are placed before the
@@ -293,7 +299,7 @@ def emit_site(gm, match: Match, env: dict, plans, replaced: dict | None = None, 
             scope_env.update(local)
         fresh = target not in match.env and not (local and target in local)
         old = None if fresh else scope_env[target].node
-        emitter = _Emitter(gm, scope_env, anchor if fresh else old, match.root, names)
+        emitter = _Emitter(gm, scope_env, anchor if fresh else old, match.root, names, values)
         new = emitter.emit(plan)
         created.extend(emitter.created)
         if fresh:
@@ -524,7 +530,8 @@ class _Rewriter:
     def _commit(self, rec: SiteRecord, m: Match, env: dict, plans) -> None:
         observer = self.observer
         token = observer.site_matched(self.gm, m, self.rule) if observer is not None else None
-        new_nodes = emit_site(self.gm, m, env, plans, rec.replaced, names=self.names, stats=self.stats)
+        values = {} if observer is not None else None
+        new_nodes = emit_site(self.gm, m, env, plans, rec.replaced, names=self.names, stats=self.stats, values=values)
         for n in new_nodes:
             n.meta["normc_rule"] = self.report.name
             if self.report.loc:
@@ -532,7 +539,7 @@ class _Rewriter:
             if n.op == "get_attr":
                 self.ctx.param_index.add(n)
         if observer is not None:
-            observer.site_emitted(token, rec, new_nodes)
+            observer.site_emitted(token, rec, new_nodes, {n: v for n, v in values.items() if live(n)})
         self.created.update(new_nodes)
         rec.new_nodes = [n.name for n in new_nodes]
         self.report.sites.append(rec)

@@ -108,8 +108,10 @@ def _slot_name(node: fx.Node) -> str:
 
 
 @global_pass
-def fold_constants(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_run=False) -> RuleReport:
-    """Fold every subgraph computed from parameters and constants alone into a new parameter."""
+def fold_constants(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_run=False,
+                   observer=None) -> RuleReport:
+    """Fold every subgraph computed from parameters and constants alone into a new parameter.
+    `observer` (per-site float64 checks): each folded value is a site whose float64 value is its subgraph's."""
     report = RuleReport("std.fold_constants")
     const = _constant_nodes(gm)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -122,6 +124,7 @@ def fold_constants(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry
     needed = set().union(*(_subgraph(n) for n in frontier))  # everything the frontier is computed from
     values = _evaluate(gm, sorted(needed, key=order.__getitem__))
     folded_ops: Counter = Counter()
+    folds = []
     for node in sorted(frontier, key=order.__getitem__):
         value = values[node]
         if not isinstance(value, torch.Tensor):
@@ -152,6 +155,14 @@ def fold_constants(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry
         node.replace_all_uses_with(p)
         rec.new_nodes = [p.name]
         rec.replaced = {node.name: p.name}
+        folds.append((node, p, rec))
+    if observer is not None and folds:
+        from ..verify.sites import Region, float64_value
+        # the folded nodes are still in the graph (unread): each is cut out with the subgraph computing it
+        observer.regions_before(gm, report.name, [Region(r.key, r.site, r.path, [(n, None)], []) for n, _, r in folds])
+        for n, p, _ in folds:
+            observer.param_value(p.target, float64_value(gm, n))
+        observer.regions_after(gm, {n: p for n, p, _ in folds}, {})
     if folded_ops:
         counts = ", ".join(f"{k} x{v}" for k, v in sorted(folded_ops.items()))
         report.notes.append(f"{sum(folded_ops.values())} op(s) on weights alone folded into {report.applied} "

@@ -503,24 +503,33 @@ def _plans(gm, readers):
 
 
 # ------------------------------------------------------------------ rewriting
-def _centred(t: torch.Tensor, axis: int | None, scale: torch.Tensor | None = None) -> torch.Tensor:
+def _centred(t: torch.Tensor, axis: int | None, scale: torch.Tensor | None = None, dtype=None) -> torch.Tensor:
+    """`t` recentred over `axis` (after the per-channel `scale`), computed in float64, returned in `dtype`
+    (default: t's own)."""
+    dtype = dtype or t.dtype
     t64 = t.detach().to(torch.float64)
     if axis is None or axis < 0:  # the parameter is the same on every channel: centred, it is zero
-        return torch.zeros_like(t)
+        return torch.zeros_like(t, dtype=dtype)
     if scale is not None:
         shape = [1] * t64.dim()
         shape[axis] = -1
         t64 = t64 * scale.reshape(shape)
-    return (t64 - t64.mean(dim=axis, keepdim=True)).to(t.dtype)
+    return (t64 - t64.mean(dim=axis, keepdim=True)).to(dtype)
 
 
 def _drop_last(t: torch.Tensor, axis: int) -> torch.Tensor:
     return t.narrow(axis, 0, t.shape[axis] - 1)
 
 
-def _recentre(gm, action: _Action, untie: bool, notes: list, compress: bool = False) -> None:
+def _recentre(gm, action: _Action, untie: bool, notes: list, compress: bool = False, observer=None,
+              mapping: dict | None = None) -> None:
+    """`observer` (per-site checks) is given each new parameter's float64 value, computed when asked;
+    `mapping` records the node that now carries a stream value (a centring op after a norm)."""
     if action.kind == "centre":
-        return _insert_centring(gm, action.node, compress)
+        last = _insert_centring(gm, action.node, compress)
+        if mapping is not None:
+            mapping[action.node] = last
+        return
     graph = gm.graph
     for i, p in enumerate(action.param_nodes):
         if p is None:
@@ -532,20 +541,43 @@ def _recentre(gm, action: _Action, untie: bool, notes: list, compress: bool = Fa
         if compress and axis is not None:  # Pre-CRMSNorm: the zero-mean stream is stored without its last coordinate
             value = _drop_last(value, axis).contiguous()
         sharers = [u for u in param_users(gm, p) if u is not action.node]
+        def exact(t=t, axis=axis, scale=action.scale):
+            value = _centred(t, axis, scale, torch.float64)
+            return _drop_last(value, axis) if compress and axis is not None else value
         if not untie:
-            t.data.copy_(value)  # in place: every user of a shared tensor sees it (wrong when tied)
+            # every name holding the tensor gets the recentred one (a tied head follows: wrong when tied);
+            # never written in place: the original model and the per-site checks still read the old one
+            for target in _replace_tensor(gm, t, value):
+                if observer is not None:
+                    observer.param_value(target, exact)
             continue
         if sharers:
             notes.append(f"untied `{p.target}`: recentred for `{site_name(action.node)}`, "
                          f"left as it was for {', '.join('`' + site_name(u) + '`' for u in sharers[:3])}")
         target = new_param(gm, f"{module_path(action.node) or p.target}.{'bias' if i == 1 else 'weight'}", value)
+        if observer is not None:
+            observer.param_value(target, exact)
         with graph.inserting_before(action.node):
             q = graph.get_attr(target)
         q.meta["normc_path"] = module_path(action.node)
         action.node.replace_input_with(p, q)
 
 
-def _insert_centring(gm, node: fx.Node, compress: bool) -> None:
+def _replace_tensor(gm, t: torch.Tensor, value: torch.Tensor) -> list[str]:
+    """Put `value` wherever the module tree holds `t` (or a tensor on its memory); returns those names."""
+    key = t.untyped_storage().data_ptr()
+    new = torch.nn.Parameter(value, requires_grad=False) if isinstance(t, torch.nn.Parameter) else value
+    names = []
+    for path, mod in gm.named_modules(remove_duplicate=False):
+        for store in (mod._parameters, mod._buffers):
+            for k, v in store.items():
+                if isinstance(v, torch.Tensor) and v.numel() and v.untyped_storage().data_ptr() == key:
+                    store[k] = new
+                    names.append(f"{path}.{k}" if path else k)
+    return names
+
+
+def _insert_centring(gm, node: fx.Node, compress: bool) -> fx.Node:
     """y -> y - mean(y, -1) after the stream's first value (CRMSNorm: its first d-1 coordinates)."""
     graph = gm.graph
     users = list(node.users)
@@ -565,6 +597,7 @@ def _insert_centring(gm, node: fx.Node, compress: bool) -> None:
     for u in users:
         if not reads_shape_only(u):
             u.replace_input_with(node, last)
+    return last
 
 
 def _bypass(stream: _Stream) -> None:
@@ -574,7 +607,7 @@ def _bypass(stream: _Stream) -> None:
         mul.replace_all_uses_with(inner)
 
 
-def _to_rms(gm, ln: fx.Node) -> None:
+def _to_rms(gm, ln: fx.Node) -> fx.Node:
     graph = gm.graph
     x, weight = ln.args[0], (ln.args[1] if len(ln.args) > 1 else None)
     bias = ln.args[2] if len(ln.args) > 2 else None
@@ -587,6 +620,7 @@ def _to_rms(gm, ln: fx.Node) -> None:
         n.meta["normc_path"], n.meta["normc_module_type"] = module_path(ln), ln.meta.get("normc_module_type", "")
     ln.replace_all_uses_with(out)
     graph.erase_node(ln)
+    return out
 
 
 def _record(report: RuleReport, stream: _Stream, site: str, reason: str | None) -> bool:
@@ -615,7 +649,9 @@ def _already_rms(gm, report) -> RuleReport:
 
 
 @global_pass
-def to_rmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_run=False, untie=True) -> RuleReport:
+def to_rmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_run=False, untie=True,
+               observer=None) -> RuleReport:
+    """`observer` (normc.verify.sites.SiteChecker): each block is checked in float64 (see _blocks)."""
     report = RuleReport("std.prenorm_to_rmsnorm")
     readers = _readers(gm, scope)
     if not readers:
@@ -624,18 +660,42 @@ def to_rmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_run
     for stream, reason in _plans(gm, readers):
         if _record(report, stream, f"residual stream d={stream.hidden}: {_describe(stream)}", reason) and not dry_run:
             accepted.append(stream)
+    if observer is not None and accepted:
+        observer.regions_before(gm, report.name, _blocks(accepted))
+    stream_now: dict = {}  # stream value -> the node carrying it now (a centring op after a norm)
+    same: dict = {}        # LayerNorm -> the RMSNorm (+ bias) that replaced it
     # every writer first (a stream may start at a LayerNorm that another stream converts), then the readers
     for stream in accepted:
         for action in stream.actions:
-            _recentre(gm, action, untie, report.notes)
+            _recentre(gm, action, untie, report.notes, observer=observer, mapping=stream_now)
         _bypass(stream)
     for stream in accepted:
         for ln in stream.readers:
-            _to_rms(gm, ln)
+            same[ln] = _to_rms(gm, ln)
+    if observer is not None and accepted:
+        observer.regions_after(gm, same, stream_now)
     _note_centring(report, accepted)
     if not dry_run:
         finish(gm)
     return report
+
+
+def _blocks(streams: list, compressed: bool = False) -> list:
+    """The regions the per-site float64 check evaluates: one per value the LayerNorms read, from the
+    values the other LayerNorms read (a block of the model) to it and its LayerNorms' outputs. The
+    stream values are centred in the new graph; the LayerNorm outputs are the same."""
+    from ..verify.sites import CENTRED, COMPRESSED, Region
+    relation = COMPRESSED if compressed else CENTRED
+    by_input: dict = {}
+    for stream in streams:
+        for ln in stream.readers:
+            by_input.setdefault(ln.args[0], []).append(ln)
+    regions = []
+    for v, lns in by_input.items():
+        cuts = [(u, relation) for u in by_input if u is not v]
+        regions.append(Region(f"block:{lns[0].name}", site_name(lns[0]), module_path(lns[0]),
+                              [(ln, None) for ln in lns] + [(v, relation)], cuts))
+    return regions
 
 
 def _describe(stream: _Stream) -> str:
@@ -684,7 +744,8 @@ def _chain(action: _Action, stream: _Stream) -> list:
 
 
 @global_pass
-def to_crmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_run=False, untie=True) -> RuleReport:
+def to_crmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_run=False, untie=True,
+                observer=None) -> RuleReport:
     """Pre-LN -> Pre-CRMSNorm: the zero-mean stream keeps d-1 coordinates (the last is minus their sum).
 
     Writers are recentred and lose their last output row; reshapes on the stream are resized;
@@ -710,9 +771,13 @@ def to_crmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_ru
                        reason) or dry_run:
             continue
         accepted.append((stream, resize))
+    if observer is not None and accepted:
+        observer.regions_before(gm, report.name, _blocks([st for st, _ in accepted], compressed=True))
+    stream_now: dict = {}
+    same: dict = {}
     for stream, resize in accepted:
         for action in stream.actions:
-            _recentre(gm, action, True, report.notes, compress=True)
+            _recentre(gm, action, True, report.notes, compress=True, observer=observer, mapping=stream_now)
         _bypass(stream)
         for node, pos in resize:
             shape = list(node.args[1])
@@ -720,20 +785,22 @@ def to_crmsnorm(gm: fx.GraphModule, *, ctx=None, scope=None, loaded=None, dry_ru
             node.args = (node.args[0], type(node.args[1])(shape)) + tuple(node.args[2:])
     for stream, _ in accepted:
         for ln in stream.readers:
-            _to_crms(gm, ln)
+            same[ln] = _to_crms(gm, ln)
+    if observer is not None and accepted:
+        observer.regions_after(gm, same, stream_now)
     _note_centring(report, [s for s, _ in accepted])
     if report.applied and not dry_run:
         finish(gm)
         from ..grammar.loader import load_std
         from ..ir.rewrite import apply_rule
         rule = load_std().rules["std.compress_crms_readers"]
-        n = apply_rule(gm, rule).applied
+        n = apply_rule(gm, rule, observer=observer).applied  # its sites are checked like any rule's
         report.notes.append(f"{n} CRMSNorm reader(s) compressed into the linears after them "
                             "(the others rebuild the full vector)")
     return report
 
 
-def _to_crms(gm, ln: fx.Node) -> None:
+def _to_crms(gm, ln: fx.Node) -> fx.Node:
     graph = gm.graph
     args = list(ln.args) + [None] * (3 - len(ln.args))
     with graph.inserting_before(ln):
@@ -743,3 +810,4 @@ def _to_crms(gm, ln: fx.Node) -> None:
     new.meta["normc_path"], new.meta["normc_module_type"] = module_path(ln), ln.meta.get("normc_module_type", "")
     ln.replace_all_uses_with(new)
     graph.erase_node(ln)
+    return new

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ from ..passes.registry import resolve_pass
 from ..verify import CachedReference, Tolerance, VerifyResult, sample_inputs, verify_models
 from ..verify.compare import nonfinite_reference
 from ..verify.inputs import cast_inputs
+from ..verify.sites import SiteChecker, SiteResult
 from .outputs import write_outputs
 
 
@@ -61,9 +64,15 @@ class StepRecord:
     rolled_back: list = field(default_factory=list)
     bisection_tests: int = 0
     verify_calibration: VerifyResult | None = None  # approximate steps: error on the calibration inputs
+    checker: SiteChecker | None = None   # records the step's sites for the per-site float64 check
+    site_checks: list[SiteResult] = field(default_factory=list)  # each exact site in float64
+    unchecked: list[str] = field(default_factory=list)  # rules of this step whose sites nothing checks
+    note: str = ""  # why the step checked nothing
 
     def to_dict(self):
         d = {"step": self.step, "seconds": round(self.seconds, 4), "approximate": self.approximate}
+        if self.note:
+            d["note"] = self.note
         if self.verify_calibration is not None:
             d["verify_calibration"] = self.verify_calibration.to_dict()
         if self.culprits:
@@ -73,6 +82,8 @@ class StepRecord:
             d["rolled_back"] = self.rolled_back
         if self.verify is not None:
             d["verify"] = self.verify.to_dict()
+        if self.site_checks:
+            d["float64_sites"] = [c.to_dict() for c in self.site_checks]
         d["rules"] = [r.name for r in self.rules]
         return d
 
@@ -97,8 +108,11 @@ def input_specs_from_decls(decls: list[T.InputDecl]) -> list[InputSpec]:
 
 
 def prepare_graph(loaded: LoadedModel) -> tuple[fx.GraphModule, dict]:
-    """Trace and canonicalize a private copy of the model (the user's module is never mutated)."""
-    traced = trace_model(loaded)  # works on a copy of the weights
+    """Trace and canonicalize a private copy of the model (the user's module is never mutated): its own
+    module objects, the user's weight tensors (rewrites create new tensors, never write into one)."""
+    if loaded.exported_program is None:
+        loaded = dataclasses.replace(loaded, module=share_weights_copy(loaded.module))
+    traced = trace_model(loaded, copy_weights=False)
     gm = traced.graph_module
     canonicalize(gm, recognize=False)
     annotate_shapes(gm, loaded.example_args, loaded.example_kwargs)  # recognizers read shapes
@@ -142,13 +156,21 @@ class _Runner:
         self.say("tracing")
         gm, trace_info = prepare_graph(self.loaded)
         before = op_counts(gm)
-        before_gm = copy.deepcopy(gm) if self.options.keep_before else None
+        before_gm = share_weights_copy(gm) if self.options.keep_before else None
         # the original's outputs on the verification inputs are computed once for every step
         reference = CachedReference(self.loaded.module)
         self.verify_set = self.inputs(self.options.verify_inputs)
         pipeline = self.program.main.pipeline
         steps = list(pipeline.steps) if pipeline else []
         verifies = [s for s in steps if isinstance(s, T.Verify)]
+        # `verify dtype f64`: each exact site is checked in float64 right after its step (its boundary
+        # values come from the step's fp32 graph); the verify step gates on those checks
+        f64_steps = [s for s in verifies if DTYPE_NAMES.get(str(s.options.get("dtype", ""))) == torch.float64]
+        self.site_checks_on = not self.options.dry_run and bool(f64_steps)
+        # the sites are checked on the boundary values of the first verification inputs: the example and
+        # one drawn input (each is a float64 run of every site), or `verify dtype f64 samples N`
+        n_site = max((int(s.options["samples"]) for s in f64_steps if "samples" in s.options), default=2)
+        self.site_inputs = self.verify_set[:max(1, n_site)]
         out_dtype = self._output_dtype(self.loaded.module)
         passed = True
         failure = None
@@ -163,8 +185,8 @@ class _Runner:
                 # exact steps after an approximation are checked against the model just before them,
                 # so that one is kept; otherwise it is rebuilt (deterministically) only if the step fails
                 approximated = any(s.approximate for s in self.steps)
-                snapshot = copy.deepcopy(gm) if approximated and not self.options.dry_run else None
-                record = self.apply(gm, step)
+                snapshot = share_weights_copy(gm) if approximated and not self.options.dry_run else None
+                record = self.apply(gm, step, check=self.site_checks_on)
                 self.applied.append([step, self.stats, frozenset()])
                 # tolerance in force: the next explicit verify step's, else the dtype default
                 nxt = next((s for s in steps[i:] if isinstance(s, T.Verify)
@@ -201,10 +223,32 @@ class _Runner:
                             record.seconds = time.perf_counter() - ts
                             self.steps.append(record)
                             break
+                if record.checker is not None:
+                    self.say(f"checking the sites of `apply {step.rule}` in float64")
+                    record.site_checks = record.checker.check(gm)
+                    record.checker = None
             elif isinstance(step, T.Verify):
                 record = StepRecord("verify")
-                if not self.options.dry_run:
-                    record.verify = self.verify_step(reference, gm, step, out_dtype)
+                f64 = DTYPE_NAMES.get(str(step.options.get("dtype", ""))) == torch.float64
+                if f64 and not self.options.dry_run and not any(
+                        r.applied for s in self.steps for r in s.rules if r.kind == "exact"):
+                    # the model is unchanged by exact rewrites: nothing to check, and no pass is claimed
+                    record.note = "no exact site was rewritten: nothing to check in float64"
+                elif not self.options.dry_run:
+                    last = self.steps[-1] if self.steps else None
+                    if last is not None and last.verify is not None and last.verify.sites is None and \
+                            last.step.startswith("apply") and not any(s.approximate for s in self.steps) and \
+                            self._same_check(step, last.verify, out_dtype):
+                        # the graph has not changed since the step's own check, on the same inputs, with this
+                        # step's tolerance (a step is checked with the next verify's): the same result
+                        record.verify = last.verify
+                    else:
+                        record.verify = self.verify_step(reference, gm, step, out_dtype)
+                    if record.verify.sites is not None:  # per-site float64: the failing sites are the culprits
+                        record.culprits = [{"rule": c.rule, "site": c.site, "key": c.key,
+                                            "local_error": None if c.reason else c.max_rel_err}
+                                           | ({"reason": c.reason} if c.reason else {})
+                                           for c in record.verify.sites if not c.passed(record.verify.tolerance)]
                     approximated = any(s.approximate for s in self.steps)
                     # after an approximate rewrite the exact tolerance cannot hold; its gate decides
                     if not record.verify.passed and not approximated:
@@ -268,19 +312,24 @@ class _Runner:
 
     # -------------------------------------------------------------- steps
     def apply(self, gm, step: T.Apply, loaded: LoadedModel | None = None, stats="current",
-              exclude: set = frozenset()) -> StepRecord:
+              exclude: set = frozenset(), check: bool = False) -> StepRecord:
+        """`check`: record the step's sites for the per-site float64 check (record.checker)."""
         loaded = loaded or self.loaded
         record = StepRecord(f"apply {step.rule}" + (f" on \"{step.scope}\"" if step.scope else ""))
         ctx = EvalContext(gm, self.stats if stats == "current" else stats)
+        checker = record.checker = SiteChecker(self.site_inputs) if check and not self.options.dry_run else None
         for name in self.program.resolve(step.rule):
             rule = self.program.rules[name]
             args = self._args(rule, step)
             self.say(f"applying {name}")
             if isinstance(rule, T.ExternPass):
-                rep = _run_extern(rule, gm, ctx, args, step.scope, self, loaded)
+                rep = _run_extern(rule, gm, ctx, args, step.scope, self, loaded, checker)
+                if checker is not None and rule.kind == "exact" and rep.applied and not _observes(rule):
+                    record.unchecked.append(rule.qualname)
             else:
                 mine = {k.split("@", 1)[1] for k in exclude if k.split("@", 1)[0] == name}
-                rep = apply_rule(gm, rule, args, step.scope, ctx, exclude=mine, dry_run=self.options.dry_run)
+                rep = apply_rule(gm, rule, args, step.scope, ctx, exclude=mine, dry_run=self.options.dry_run,
+                                 observer=checker)
             record.rules.append(rep)
             record.approximate |= rule.kind == "approximate"
             if not self.options.dry_run and rep.applied:
@@ -308,9 +357,9 @@ class _Runner:
             self.apply(gm, step, stats=stats, exclude=exclude)
         return gm
 
-    def _retry(self, snapshot, step, exclude: set, reference, tol, inputs):
-        gm = copy.deepcopy(snapshot)
-        record = self.apply(gm, step, exclude=exclude)
+    def _retry(self, snapshot, step, exclude: set, reference, tol, inputs, check: bool = False):
+        gm = share_weights_copy(snapshot)
+        record = self.apply(gm, step, exclude=exclude, check=check)
         return gm, record, verify_models(reference, gm, inputs, tol)
 
     def bisect(self, snapshot, step, record, reference, tol) -> list[dict]:
@@ -378,8 +427,8 @@ class _Runner:
     def roll_back(self, snapshot, step, record, culprits, reference, tol):
         exclude = {f"{c['rule']}@{c['key']}" for c in culprits}
         self.say(f"rolling back {len(exclude)} site(s)")
-        gm, again, v = self._retry(snapshot, step, exclude, reference, tol, self.verify_set)
-        record.rules, record.verify = again.rules, v
+        gm, again, v = self._retry(snapshot, step, exclude, reference, tol, self.verify_set, check=self.site_checks_on)
+        record.rules, record.verify, record.checker, record.unchecked = again.rules, v, again.checker, again.unchecked
         record.rolled_back = culprits
         return gm
 
@@ -388,9 +437,34 @@ class _Runner:
         n = int(opts.get("samples", self.options.verify_inputs))
         dtype = DTYPE_NAMES.get(str(opts.get("dtype", "")), None)
         inputs = self.inputs(n) if n != self.options.verify_inputs else self.verify_set
+        if dtype == torch.float64:
+            return self.sites_in_f64(_tolerance(step, dtype))
         if dtype is not None and dtype != out_dtype:
             return self.replay_in(dtype, inputs, _tolerance(step, dtype))
         return verify_models(reference, gm, inputs, _tolerance(step, out_dtype))
+
+    def _same_check(self, step: T.Verify, done: VerifyResult, out_dtype) -> bool:
+        opts = step.options
+        dtype = DTYPE_NAMES.get(str(opts.get("dtype", "")), out_dtype)
+        samples = int(opts.get("samples", self.options.verify_inputs))
+        return dtype == out_dtype and samples == self.options.verify_inputs and \
+            done.n_inputs == len(self.verify_set) and done.tolerance == _tolerance(step, out_dtype)
+
+    def sites_in_f64(self, tol: Tolerance) -> VerifyResult:
+        """`verify dtype f64`: the float64 checks of every exact site rewritten so far (each site's original
+        and replacement evaluated in float64 on the boundary values of the fp32 run). A site that could not
+        be checked fails it, and so does a check that covered no site."""
+        results = [c for s in self.steps for c in s.site_checks]
+        for s in self.steps:
+            for rule in s.unchecked:
+                results.append(SiteResult(rule, "(whole pass)", rule, "", math.nan, math.nan, False, 0,
+                                          reason="this pass does not record its sites for a per-site check"))
+        checked = [r for r in results if r.reason is None]
+        worst_rel = max((r.max_rel_err for r in checked), default=0.0)
+        worst_abs = max((r.max_abs_err for r in checked), default=0.0)
+        passed = bool(checked) and all(r.passed(tol) for r in results)
+        n_inputs = max((r.n_inputs for r in checked), default=0)
+        return VerifyResult(passed, worst_abs, worst_rel, 1.0, n_inputs, tol, [], sites=results)
 
     def replay_in(self, dtype, inputs, tol) -> VerifyResult:
         """Run the conversion itself in `dtype`: a copy of the model in that dtype, traced anew
@@ -450,11 +524,28 @@ class _Runner:
         return torch.float32
 
 
-def _run_extern(rule: T.ExternPass, gm, ctx, args, scope, runner, loaded) -> RuleReport:
-    fn = resolve_pass(rule.impl)  # checked with the program; only a declared pass runs
-    report = fn(gm, ctx=ctx, scope=scope, loaded=loaded, dry_run=runner.options.dry_run, **args)
+def _extern_fn(rule: T.ExternPass):
+    return resolve_pass(rule.impl)  # checked with the program; only a declared pass runs
+
+
+def _observes(rule: T.ExternPass) -> bool:
+    """Whether a global pass records its sites (blocks) for the per-site float64 check."""
+    return "observer" in inspect.signature(_extern_fn(rule)).parameters
+
+
+def _run_extern(rule: T.ExternPass, gm, ctx, args, scope, runner, loaded, observer=None) -> RuleReport:
+    fn = _extern_fn(rule)
+    extra = {"observer": observer} if observer is not None and _observes(rule) else {}
+    report = fn(gm, ctx=ctx, scope=scope, loaded=loaded, dry_run=runner.options.dry_run, **args, **extra)
     report.name, report.kind = rule.qualname, rule.kind
     return report
+
+
+def share_weights_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a module (a graph module, a model) that shares its parameters and buffers: rewrites create
+    new tensors and never write into existing ones, so a snapshot needs no copy of the weights."""
+    memo = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return copy.deepcopy(module, memo)
 
 
 def _verify_summary(v: VerifyResult | None, passed: bool, failure: str | None) -> dict:

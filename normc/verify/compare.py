@@ -96,9 +96,10 @@ class VerifyResult:
     n_inputs: int
     tolerance: Tolerance
     outputs: list[OutputDiff] = field(default_factory=list)  # worst over inputs, per output leaf
+    sites: list | None = None  # a per-site float64 check (normc.verify.sites.SiteResult): one per site, no outputs
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "passed": bool(self.passed),
             "max_abs_err": _json_float(self.max_abs_err),
             "max_rel_err": _json_float(self.max_rel_err),
@@ -107,9 +108,23 @@ class VerifyResult:
             "tolerance": self.tolerance.to_dict(),
             "outputs": [o.to_dict() for o in self.outputs],
         }
+        if self.sites is not None:
+            d["mode"] = "per-site float64"
+            d["sites_checked"] = sum(1 for s in self.sites if s.reason is None)
+            d["sites"] = [s.to_dict(self.tolerance) for s in self.sites]
+        return d
 
     def summary(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
+        if self.sites is not None:
+            checked = [s for s in self.sites if s.reason is None]
+            if not checked:
+                return (f"per-site float64 check FAILED: it checked no site ({len(self.sites)} could not be checked); "
+                        "a float64 check that covers nothing proves nothing")
+            bad = [s for s in self.sites if not s.passed(self.tolerance)]
+            named = "; ".join(f"{s.rule} at {s.site}: " + (s.reason or f"rel {s.max_rel_err:.3g}") for s in bad[:5])
+            return (f"per-site float64 check {verdict}: worst max_rel {self.max_rel_err:.3g} over {len(checked)} site(s) "
+                    f"and {self.n_inputs} input(s) (tolerance {self.tolerance})" + (f"; failing: {named}" if bad else ""))
         return (
             f"verify {verdict}: max_abs {self.max_abs_err:.3g}, max_rel {self.max_rel_err:.3g}, "
             f"min cosine {self.min_cosine:.9f} over {self.n_inputs} input(s) (tolerance {self.tolerance})"

@@ -314,11 +314,15 @@ def test_module_paths_and_shapes_are_recorded(canonical):
     assert bn.meta["normc_shape"] == (2, 4, 5, 5) and bn.meta["normc_dtype"] == torch.float32
 
 
-def test_canonicalizing_never_touches_the_users_module(canonical):
-    m = RMSNormChain().eval()
+def test_canonicalizing_never_touches_the_users_module(canonical, rules):
+    # the graph shares the module's weight tensors (no copy of the weights): normc never writes into a
+    # tensor, and the graph's module tree is its own, so rewriting and dropping parameters leave the
+    # user's module as it was
+    from normc.ir.rewrite import apply_rule
+    m = nn.Sequential(nn.Linear(8, 8), RMSNormChain(), nn.Linear(8, 8)).eval()
     before = {k: v.clone() for k, v in m.state_dict().items()}
+    names = [n for n, _ in m.named_modules()]
     gm = canonical(m, X3)
-    with torch.no_grad():
-        for p in gm.parameters():
-            p.mul_(2)
+    assert apply_rule(gm, rules("").rules["std.fold_rms_norm_affine"]).applied == 1
+    assert [n for n, _ in m.named_modules()] == names and m.state_dict().keys() == before.keys()
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

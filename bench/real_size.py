@@ -1,0 +1,161 @@
+"""normc on a real size: GPT-2 base shape (124 M parameters, 0.5 GB of fp32 weights), side by side with
+the plain path, each run in a fresh process of its own.
+
+  A  normc: build the model, `normc.api.apply(examples/prenorm_to_rmsnorm.nc, model, "a.onnx")` with its
+     verification as written (fp32 against the original after each step, `verify rel 1e-4`, and the
+     per-site float64 check `verify dtype f64`), the ONNX export and its onnxruntime check
+  B  plain: build the same model, `torch.export.export`, `torch.onnx.export` (dynamo, opset 18), save
+
+The model is `GPT2LMHeadModel(GPT2Config(use_cache=False))` (the config's defaults: 12 layers, d=768,
+vocabulary 50257, 1024 positions), random weights from a fixed seed, input_ids [1, 16]. Every
+measurement is a fresh child process (`python bench/real_size.py --child A|B`): wall time is taken by the
+parent around the whole child (interpreter start, imports, build, work: the same overheads on both
+sides), peak RSS is the child's own `ru_maxrss` at its end (a fresh process: its maximum is its own run).
+Rounds alternate the order (A B, B A, ...); figures are medians over rounds. Printed: medians, the
+ratios A / B, and a line starting with WARNING when rounds disagree by more than 10 % or a ratio is
+below its physical floor (A does everything B does, plus rewriting and verification: A / B < 0.9 is noise).
+
+    python bench/real_size.py                      # 3 rounds (6 processes); ~15 min on 2 shared cores
+    python bench/real_size.py --rounds 1 --json out.json
+    python bench/real_size.py --child A --profile  # one A run with a cProfile summary and RSS per stage
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the normc of this checkout, run from anywhere
+EXAMPLE = ROOT / "examples" / "prenorm_to_rmsnorm.nc"
+SEQ = 16
+TARGETS = {"wall": 1.5, "rss": 1.5}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def build():
+    """GPT-2 base shape with random weights (seeded), and its example input."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = GPT2Config(use_cache=False)
+    model = GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    return model, ids
+
+
+def child_a(out: Path, stages: dict) -> dict:
+    import normc.api as nc
+    from normc.frontend.specs import InputSpec, LoadedModel
+    model, ids = build()
+    stages["built"] = _rss_mb()
+    spec = InputSpec("input_ids", tuple(ids.shape), ids.dtype, 0, model.config.vocab_size)
+    loaded = LoadedModel(model, (ids,), {}, [spec], "gpt2-base", True)
+    result = nc.apply(EXAMPLE, loaded, out / "a.onnx",
+                      progress=lambda msg: stages.__setitem__(msg, _rss_mb()))
+    if not result.passed:
+        raise SystemExit(f"normc failed: {result.report['verify']['failure']}")
+    f64 = [s["verify"] for s in result.report["steps"] if s["step"] == "verify"][-1]
+    return {"passed": result.passed, "sites_checked": f64.get("sites_checked"), "f64_max_rel": f64["max_rel_err"]}
+
+
+def child_b(out: Path, stages: dict) -> dict:
+    import torch
+    model, ids = build()
+    stages["built"] = _rss_mb()
+    with torch.no_grad():
+        ep = torch.export.export(model, (ids,), strict=False)
+        stages["exported"] = _rss_mb()
+        program = torch.onnx.export(ep, (ids,), dynamo=True, opset_version=18, verbose=False)
+        stages["onnx"] = _rss_mb()
+    program.save(str(out / "b.onnx"))
+    return {}
+
+
+def run_child(which: str, profile: bool) -> None:
+    stages: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        fn = child_a if which == "A" else child_b
+        if profile:
+            import cProfile
+            import pstats
+            prof = cProfile.Profile()
+            info = prof.runcall(fn, Path(tmp), stages)
+            pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(40)
+        else:
+            info = fn(Path(tmp), stages)
+    print(json.dumps({"which": which, "rss_mb": _rss_mb(), "stages": stages, **info}))
+
+
+def measure(which: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", which],
+                          capture_output=True, text=True, env=env, cwd=str(ROOT))
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"child {which} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
+    return {**json.loads(line), "wall_s": wall}
+
+
+def spread(values: list[float]) -> float:
+    return (max(values) - min(values)) / statistics.median(values) if len(values) > 1 else 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--child", choices=("A", "B"), help=argparse.SUPPRESS)
+    ap.add_argument("--profile", action="store_true", help="with --child: print a cProfile summary to stderr")
+    args = ap.parse_args()
+    if args.child:
+        return run_child(args.child, args.profile)
+    runs: dict[str, list[dict]] = {"A": [], "B": []}
+    for r in range(args.rounds):
+        for which in ("A", "B") if r % 2 == 0 else ("B", "A"):
+            got = measure(which)
+            runs[which].append(got)
+            print(f"round {r + 1} {which}: {got['wall_s']:.1f} s, peak RSS {got['rss_mb']:.0f} MB", flush=True)
+    med = {w: {"wall": statistics.median(x["wall_s"] for x in rs), "rss": statistics.median(x["rss_mb"] for x in rs)}
+           for w, rs in runs.items()}
+    print()
+    print("GPT-2 base shape (124 M params), fresh process per run, medians over", args.rounds, "round(s)")
+    print(f"  A normc apply prenorm_to_rmsnorm.nc -> ONNX, verified:  {med['A']['wall']:7.1f} s  "
+          f"{med['A']['rss']:7.0f} MB peak RSS")
+    print(f"  B build + torch.export + torch.onnx.export:           {med['B']['wall']:7.1f} s  "
+          f"{med['B']['rss']:7.0f} MB peak RSS")
+    a = runs["A"][-1]
+    print(f"  A checked {a.get('sites_checked')} site(s) in float64, worst rel err {a.get('f64_max_rel'):.3g}")
+    ratios = {k: med["A"][k] / med["B"][k] for k in ("wall", "rss")}
+    for k, label in (("wall", "wall time"), ("rss", "peak RSS")):
+        verdict = "within" if ratios[k] <= TARGETS[k] else "ABOVE"
+        print(f"  A / B {label}: {ratios[k]:.2f}  ({verdict} the target {TARGETS[k]})")
+        if ratios[k] < 0.9:
+            print(f"WARNING: A / B {label} {ratios[k]:.2f} is below 0.9: A does all B does; the figure is noise")
+        for w in ("A", "B"):
+            key = "wall_s" if k == "wall" else "rss_mb"
+            s = spread([x[key] for x in runs[w]])
+            if s > 0.10:
+                print(f"WARNING: {w}'s {label} varies by {s:.0%} over rounds (more than 10 %): shared-machine noise")
+    print("  A's RSS by stage (MB, last round):",
+          ", ".join(f"{k} {v:.0f}" for k, v in runs["A"][-1]["stages"].items()))
+    print("  B's RSS by stage (MB, last round):",
+          ", ".join(f"{k} {v:.0f}" for k, v in runs["B"][-1]["stages"].items()))
+    if args.json:
+        args.json.write_text(json.dumps({"runs": runs, "medians": med, "ratios": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
