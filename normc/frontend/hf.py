@@ -208,6 +208,12 @@ def _model_class(d: Path, config: Any, task: str | None) -> type:
                              ", an auto class (AutoModelForCausalLM) or a class such as BertModel")
         return cls
     archs = getattr(config, "architectures", None) or []
+    auto_map = getattr(config, "auto_map", None) or {}
+    if auto_map:  # the directory's own code (only reached with trust_remote_code): through its auto class
+        autos = [k for k in auto_map if k.startswith("AutoModel") and _is_model_class(getattr(transformers, k, None))]
+        named = [k for k in autos if archs and str(auto_map[k]).rsplit(".", 1)[-1] == str(archs[0])]
+        if named or autos:
+            return getattr(transformers, (named or autos)[0])
     if not archs:
         raise NormcError(f"`{d / 'config.json'}` names no architecture (`architectures` is empty)",
                          hint="pass --task, e.g. --task causal-lm or --task base")
@@ -273,7 +279,7 @@ def load_hf_dir(
         try:
             model, info = cls.from_pretrained(
                 str(d), config=config, local_files_only=True, use_safetensors=use_safetensors,
-                trust_remote_code=trust_remote_code, dtype=torch.float32, output_loading_info=True)
+                trust_remote_code=trust_remote_code, output_loading_info=True, **_float32())
         except NormcError:
             raise
         except Exception as e:
@@ -291,6 +297,8 @@ def load_hf_dir(
                          if task and archs else "check that the weights belong to this config")
     model.eval()
     notes = [f"Hugging Face directory loaded as {type(model).__name__} (float32, use_cache=False)"]
+    if getattr(config, "auto_map", None):
+        notes.append("the directory's own modelling code ran (--trust-remote-code)")
     unexpected = sorted(info.get("unexpected_keys") or [])
     if unexpected:
         notes.append(f"{len(unexpected)} checkpoint tensors unused by {type(model).__name__}: "
@@ -299,6 +307,14 @@ def load_hf_dir(
     files = [d / f for f in COPY_FILES if (d / f).is_file()]
     return LoadedModel(model, (), kwargs, specs, str(path), True, notes=notes,
                        hf_dir=d, hf_config=config, hf_files=files)
+
+
+def _float32() -> dict:
+    """`dtype=` (transformers >= 4.56; `torch_dtype=` before)."""
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
 
 
 def _text_config(config: Any) -> Any:

@@ -303,3 +303,65 @@ def test_other_weight_formats_are_named(gpt2_dir, tmp_path):
     (tmp_path / "config.json").write_text((gpt2_dir[0] / "config.json").read_text())
     (tmp_path / "tf_model.h5").write_bytes(b"\x89HDF")
     refused(cli("check", EXAMPLES / "bn_fold.nc", tmp_path), "TensorFlow weights")
+
+
+CUSTOM_CONFIG = '''
+from transformers import PretrainedConfig
+
+class TinyNormConfig(PretrainedConfig):
+    model_type = "tiny_norm_test"
+
+    def __init__(self, vocab_size=64, hidden_size=16, **kwargs):
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        super().__init__(**kwargs)
+'''
+CUSTOM_MODEL = '''
+import torch
+from transformers import PreTrainedModel
+from .configuration_tiny import TinyNormConfig
+
+class TinyNormModel(PreTrainedModel):
+    config_class = TinyNormConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = torch.nn.Embedding(config.vocab_size, config.hidden_size)
+        self.norm = torch.nn.LayerNorm(config.hidden_size)
+        self.proj = torch.nn.Linear(config.hidden_size, config.hidden_size)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        return self.proj(self.norm(h))
+'''
+
+
+def test_trust_remote_code_runs_the_directorys_own_model(tmp_path, monkeypatch):
+    import sys
+
+    import transformers.dynamic_module_utils as dyn
+    monkeypatch.setattr(dyn, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # not the user's cache
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    d = tmp_path / "custom"
+    d.mkdir()
+    (d / "configuration_tiny.py").write_text(CUSTOM_CONFIG)
+    (d / "modeling_tiny.py").write_text(CUSTOM_MODEL)
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "tiny_norm_test", "architectures": ["TinyNormModel"], "vocab_size": 64, "hidden_size": 16,
+        "auto_map": {"AutoConfig": "configuration_tiny.TinyNormConfig", "AutoModel": "modeling_tiny.TinyNormModel"}}))
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(0)
+    weights = {"embed.weight": torch.randn(64, 16, generator=g), "norm.weight": torch.rand(16, generator=g) + 0.5,
+               "norm.bias": torch.randn(16, generator=g), "proj.weight": torch.randn(16, 16, generator=g),
+               "proj.bias": torch.randn(16, generator=g)}
+    save_file(weights, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+    refused(cli("check", EXAMPLES / "prenorm_to_rmsnorm.nc", d), "needs its own Python code")
+    loaded = load_model(str(d), trust_remote_code=True)
+    assert type(loaded.module).__name__ == "TinyNormModel"
+    assert torch.equal(loaded.module.proj.weight, weights["proj.weight"])
+    assert list(loaded.example_kwargs) == ["input_ids", "attention_mask"]
+    assert int(loaded.example_kwargs["input_ids"].max()) < 64
+    result = cli("check", EXAMPLES / "prenorm_to_rmsnorm.nc", d, "--trust-remote-code")
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
