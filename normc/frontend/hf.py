@@ -388,3 +388,41 @@ def _max_positions(config: Any) -> int | None:
                 and getattr(config, "rope_parameters", None) is None:
             return v
     return None
+
+
+# --------------------------------------------------------------------------- the directory's tokenizer
+
+# a vocabulary (tokenizer_config.json alone is settings, not a tokenizer)
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                    "sentencepiece.bpe.model")
+
+
+def text_tokenizer(loaded: LoadedModel):
+    """A calibration tokenizer ``(sentences, max_length) -> BatchEncoding`` from the files of the
+    Hugging Face directory ``loaded`` came from (padded to ``max_length``; a tokenizer without a pad
+    token pads with its end-of-sequence token, which the attention mask hides)."""
+    d = loaded.hf_dir
+    if d is None or not any((d / f).is_file() for f in _TOKENIZER_FILES):
+        raise NormcError(f"`{loaded.source}` has no tokenizer files to turn calibration text into token ids",
+                         hint="save the tokenizer into the directory (`tokenizer.save_pretrained(dir)`), or "
+                         "calibrate from a tensor file or \"random\"")
+    trust = bool(getattr(loaded.hf_config, "auto_map", None))  # the user passed --trust-remote-code for it
+    from transformers import AutoTokenizer
+
+    with _offline_and_quiet():
+        try:
+            tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True, trust_remote_code=trust)
+        except Exception as e:
+            raise NormcError(f"transformers cannot load the tokenizer of `{loaded.source}`: {_one_line(e)}",
+                             hint="calibrate from a tensor file or \"random\" instead") from e
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise NormcError(f"the tokenizer of `{loaded.source}` has neither a pad nor an end-of-sequence token",
+                             hint="set `pad_token` in tokenizer_config.json, or calibrate from a tensor file")
+        tok.pad_token = tok.eos_token
+
+    def tokenize(sentences: list[str], max_length: int):
+        return tok(list(sentences), padding="max_length", truncation=True, max_length=int(max_length),
+                   return_tensors="pt")
+
+    return tokenize

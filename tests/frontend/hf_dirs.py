@@ -62,3 +62,19 @@ def save_dir(family: Family, path: Path, **save_kwargs) -> tuple[Path, torch.nn.
         hf_logging.enable_progress_bar()
     (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 32}))
     return path, model
+
+
+def save_tokenizer(path: Path, vocab_size: int = VOCAB) -> None:
+    """A word-level tokenizer over the words of normc's built-in sentences (no pad token: it pads with
+    `</s>`), saved with `save_pretrained` into `path`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from normc.data import calibration_sentences
+    words = sorted({w for s in calibration_sentences() for w in s.lower().split()})
+    vocab = {"[UNK]": 0, "</s>": 1}
+    for w in words[: vocab_size - len(vocab)]:
+        vocab[w] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>").save_pretrained(str(path))

@@ -365,3 +365,51 @@ def test_trust_remote_code_runs_the_directorys_own_model(tmp_path, monkeypatch):
     result = cli("check", EXAMPLES / "prenorm_to_rmsnorm.nc", d, "--trust-remote-code")
     no_traceback(result)
     assert result.exit_code == 0, result.output
+
+
+# ------------------------------------------------------------------ calibration text through the directory's tokenizer
+
+
+@pytest.fixture(scope="module")
+def llama_with_tokenizer(tmp_path_factory):
+    from tests.frontend.hf_dirs import save_tokenizer
+    d, model = save_dir(FAMILIES["llama"], tmp_path_factory.mktemp("hf") / "llama")
+    save_tokenizer(d)
+    return d, model
+
+
+def test_calibration_text_is_tokenized_by_the_directorys_tokenizer(llama_with_tokenizer):
+    from transformers import AutoTokenizer
+
+    from normc.data import calibration_sentences
+    from normc.data.calibration import load_calibration
+    d, _ = llama_with_tokenizer
+    loaded = load_model(str(d))
+    assert "tokenizer.json" in {p.name for p in loaded.hf_files}
+    sentences = calibration_sentences()[:3]
+    inputs = load_calibration(sentences, loaded)
+    tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    for (args, kwargs), s in zip(inputs, sentences):
+        assert args == ()
+        ids = kwargs["input_ids"][0]
+        expected = tok(s)["input_ids"][:DEFAULT_SEQ_LEN]
+        assert ids[: len(expected)].tolist() == expected
+        assert kwargs["attention_mask"][0].sum() == len(expected)
+        assert ids.shape == (DEFAULT_SEQ_LEN,) and int(ids.max()) < VOCAB
+
+
+def test_calibration_text_without_a_tokenizer_is_refused(gpt2_dir):
+    from normc.data.calibration import load_calibration
+    loaded = load_model(str(gpt2_dir[0]))
+    with pytest.raises(NormcError, match="no tokenizer files"):
+        load_calibration(["one sentence"], loaded)
+
+
+@pytest.mark.slow
+def test_smoothquant_calibrated_on_sentences_on_a_llama_directory(llama_with_tokenizer, tmp_path):
+    rules = rules_file(SMOOTH_RMS.replace('"random"', '"builtin:sentences"'), tmp_path)
+    report = tmp_path / "r.json"
+    result = cli("check", rules, llama_with_tokenizer[0], "--report", report)
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    assert {r["name"]: r["applied"] for r in json.loads(report.read_text())["rules"]}["std.smooth_rms"] == 5
