@@ -14,14 +14,18 @@ named by ``model.safetensors.index.json``) is loaded offline:
 * ``use_cache=False`` where the config has it, float32, eval mode;
 * example inputs come from the config, as keyword arguments named like ``forward``'s:
   ``input_ids`` (uniform in ``[0, vocab_size)``, seed :data:`EXAMPLE_SEED`), ``attention_mask``
-  (all ones) and ``token_type_ids`` (in ``[0, type_vocab_size)``) where ``forward`` takes them,
-  of shape ``[batch, seq_len]`` (default ``[1, 16]``, capped at the position table);
-  ``pixel_values`` ``[batch, num_channels, image_size, image_size]`` from the config, or
+  (all ones), ``token_type_ids`` (in ``[0, type_vocab_size)``) and, for encoder-decoders,
+  ``decoder_input_ids`` where ``forward`` takes them, of shape ``[batch, seq_len]`` (default
+  ``[1, 16]``, at most the position table);
+  ``pixel_values`` ``[batch, num_channels, image_size, image_size]`` from the config (its
+  ``vision_config`` for dual encoders such as CLIP, which get both), or
   :data:`DEFAULT_IMAGE_SIZE` for CNN configs that name no size (ResNet, ConvNeXt, ...).
 
-The :class:`LoadedModel` records the directory (``hf_dir``), the config (``hf_config``) and the
+The :class:`LoadedModel` records the directory (``hf_dir``), the config (``hf_config``, as loaded:
+``use_cache=False`` and float32 -- the original stays in ``hf_dir / "config.json"``) and the
 tokenizer / preprocessor files beside the weights (``hf_files``), for writers that rebuild a
-Hugging Face directory.
+Hugging Face directory. Calibration text is tokenized with the directory's own tokenizer
+(:func:`text_tokenizer`).
 """
 from __future__ import annotations
 
@@ -367,9 +371,15 @@ def example_inputs(model: torch.nn.Module, config: Any, *, batch: int | None = N
         types = getattr(text, "type_vocab_size", None)
         if "token_type_ids" in params and types:
             specs.append(InputSpec("token_type_ids", shape, torch.int64, 0, int(types)))
-    else:
-        channels = int(getattr(config, "num_channels", 3) or 3)
-        size = image_size if image_size is not None else getattr(config, "image_size", None)
+        if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+            # an encoder-decoder (T5, BART, ...) runs its decoder on target ids: as many as the source
+            specs.append(InputSpec("decoder_input_ids", shape, torch.int64, 0, int(vocab)))
+    vision = getattr(config, "vision_config", None)
+    if main == "pixel_values" or ("pixel_values" in params and vision is not None):
+        # an image model, or a dual encoder (CLIP, SigLIP, ...) whose vision tower has its own config
+        vision = vision if vision is not None else config
+        channels = int(getattr(vision, "num_channels", 3) or 3)
+        size = image_size if image_size is not None else getattr(vision, "image_size", None)
         if isinstance(size, (list, tuple)):
             h, w = (int(size[0]), int(size[-1]))
         else:

@@ -20,7 +20,7 @@ class Family:
     model: str           # transformers class saved (config.architectures)
     config_class: str
     config: dict
-    inputs: str          # "ids" or "pixels"
+    inputs: str          # "ids", "pixels" or "ids+pixels"
 
 
 FAMILIES = {f.name: f for f in [
@@ -39,6 +39,14 @@ FAMILIES = {f.name: f for f in [
            dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"), "pixels"),
     Family("convnext", "ConvNextModel", "ConvNextConfig",
            dict(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=32), "pixels"),
+    # beyond one input kind: an encoder-decoder (decoder_input_ids) and a dual encoder (ids + pixels)
+    Family("t5", "T5ForConditionalGeneration", "T5Config",
+           dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0),
+           "ids"),
+    Family("clip", "CLIPModel", "CLIPConfig",
+           dict(text_config=dict(LM, max_position_embeddings=32),
+                vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                   image_size=32, patch_size=8)), "ids+pixels"),
 ]}
 
 

@@ -413,3 +413,30 @@ def test_smoothquant_calibrated_on_sentences_on_a_llama_directory(llama_with_tok
     no_traceback(result)
     assert result.exit_code == 0, result.output
     assert {r["name"]: r["applied"] for r in json.loads(report.read_text())["rules"]}["std.smooth_rms"] == 5
+
+
+# ------------------------------------------------------------------ an encoder-decoder and a dual encoder
+
+
+def test_encoder_decoder_gets_decoder_ids_and_dual_encoder_gets_ids_and_pixels(tmp_path):
+    t5, _ = save_dir(FAMILIES["t5"], tmp_path / "t5")
+    clip, _ = save_dir(FAMILIES["clip"], tmp_path / "clip")
+    loaded = load_model(str(t5))
+    assert list(loaded.example_kwargs) == ["input_ids", "attention_mask", "decoder_input_ids"]
+    assert loaded.run().logits.shape == (1, DEFAULT_SEQ_LEN, VOCAB)
+    loaded = load_model(str(clip))
+    assert list(loaded.example_kwargs) == ["input_ids", "attention_mask", "pixel_values"]
+    assert loaded.example_kwargs["pixel_values"].shape == (1, 3, 32, 32)
+    assert loaded.run().logits_per_image.shape == (1, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,folded", [("t5", {"std.fold_rms_norm_affine": 10}),
+                                         ("clip", {"std.fold_layer_norm_affine": 9})])
+def test_encoder_decoder_and_dual_encoder_directories_verify(name, folded, tmp_path):
+    from normc import api
+    d, _ = save_dir(FAMILIES[name], tmp_path / name)
+    result = api.check(api.load_rules(text="pipeline {\n  apply std.fold_norm_affine\n  verify rel 1e-5\n}\n"), d)
+    assert result.passed
+    applied = {r["name"]: r["applied"] for r in result.report["rules"]}
+    assert {k: applied[k] for k in folded} == folded
