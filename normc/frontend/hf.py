@@ -79,12 +79,6 @@ _OTHER_WEIGHTS = {".h5": "TensorFlow", ".msgpack": "Flax", ".gguf": "GGUF", ".on
 _INPUT_KINDS = ("input_ids", "pixel_values")
 
 
-def is_hf_dir(path: str | os.PathLike) -> bool:
-    """A folder normc should read as a Hugging Face model directory (any folder, so that a
-    folder that is not one gets an error saying what it lacks)."""
-    return Path(path).is_dir()
-
-
 def _one_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     msg = lines[0][:300] if lines else ""

@@ -440,3 +440,30 @@ def test_encoder_decoder_and_dual_encoder_directories_verify(name, folded, tmp_p
     assert result.passed
     applied = {r["name"]: r["applied"] for r in result.report["rules"]}
     assert {k: applied[k] for k in folded} == folded
+
+
+# ------------------------------------------------------------------ the other commands and the CLI options
+
+
+def test_explain_on_a_directory_with_a_sequence_length(gpt2_dir, tmp_path):
+    report = tmp_path / "r.json"
+    result = cli("explain", EXAMPLES / "prenorm_to_rmsnorm.nc", gpt2_dir[0], "--seq-len", 8, "--report", report)
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    assert "std.prenorm_to_rmsnorm: 1 site(s) match" in result.output
+
+
+def test_export_a_directory_unchanged_at_an_image_size(tmp_path):
+    d, original = save_dir(FAMILIES["resnet"], tmp_path / "resnet")
+    out = tmp_path / "resnet.pt2"
+    result = cli("export", d, "-o", out, "--image-size", 40, "--batch", 2)
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    program = torch.export.load(str(out)).module()
+    pixels = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = original(pixel_values=pixels).pooler_output
+        got = program(pixel_values=pixels)
+    got = got["pooler_output"] if isinstance(got, dict) else (got.pooler_output if hasattr(got, "pooler_output")
+                                                              else got[1])
+    assert (ref - got).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
