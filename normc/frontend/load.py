@@ -137,15 +137,17 @@ def load_model(
 
 
 def _declared_as_keywords(loaded: LoadedModel, specs: list[InputSpec], source: str) -> None:
-    """Declared inputs of a model called with keywords only (a Hugging Face directory): each is
-    the keyword argument of its name."""
+    """Declared inputs of a model called with keywords only (a Hugging Face directory, a factory
+    whose example is a dict): each is the keyword argument of its name."""
     import inspect
 
     try:
         params = inspect.signature(loaded.module.forward).parameters
     except (TypeError, ValueError):
         params = {}
-    unknown = [s.name for s in specs if s.name not in params]
+    # a plain `**kwargs` takes any name; a transformers model's `**kwargs` are attention options
+    any_name = loaded.hf_dir is None and any(p.kind == p.VAR_KEYWORD for p in params.values())
+    unknown = [] if any_name else [s.name for s in specs if s.name not in params]
     if unknown:
         takes = ", ".join(n for n in params if n not in ("self", "kwargs"))[:200]
         raise NormcError(f"the declared input `{unknown[0]}` is not an argument of {type(loaded.module).__name__}"
