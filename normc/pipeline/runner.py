@@ -102,7 +102,7 @@ def prepare_graph(loaded: LoadedModel) -> tuple[fx.GraphModule, dict]:
     resolve_with_shapes(gm)  # no-op casts, shapes read from tensors, shape-only readers
     if run_recognizers(gm):
         annotate_shapes(gm, loaded.example_args, loaded.example_kwargs)
-    return gm, {"method": traced.method, "notes": list(traced.notes)}
+    return gm, {"method": traced.method, "notes": list(loaded.notes) + list(traced.notes)}  # how it was loaded, traced
 
 
 def _tolerance(step: T.Verify | None, dtype: torch.dtype) -> Tolerance:

@@ -100,6 +100,7 @@ def test_apply_on_a_hugging_face_directory_writes_onnx_that_matches_the_original
     applied = {r["name"]: r["applied"] for r in report["rules"]}
     assert {k: applied.get(k) for k in expected} == expected
     assert report["verify"]["passed"]
+    assert f"loaded as {FAMILIES[name].model} (float32, use_cache=False)" in " ".join(report["trace"]["notes"])
     session = ort_session(out)
     feed = fresh_inputs(name)
     names = [i.name for i in session.get_inputs()]
