@@ -204,6 +204,11 @@ def _model_class(d: Path, config: Any, task: str | None) -> type:
             raise NormcError(f"`--task {task}` names neither a task nor a model class of transformers {version}",
                              hint="use one of: " + ", ".join(sorted(set(TASKS))) +
                              ", an auto class (AutoModelForCausalLM) or a class such as BertModel")
+        if not _auto_fits(cls, config):
+            fits = [t for t, a in TASKS.items() if _auto_fits(getattr(transformers, a, None), config)]
+            raise NormcError(f"`--task {task}` ({cls.__name__}) has no model for model_type "
+                             f"`{config.model_type}` in transformers {version}",
+                             hint=("tasks it has: " + ", ".join(fits)) if fits else "drop --task")
         return cls
     archs = getattr(config, "architectures", None) or []
     auto_map = getattr(config, "auto_map", None) or {}
@@ -225,6 +230,17 @@ def _model_class(d: Path, config: Any, task: str | None) -> type:
         raise NormcError(f"`{name}` in config.architectures is not a model class of transformers",
                          hint="fix config.json, or pass --task")
     return cls
+
+
+def _auto_fits(cls: Any, config: Any) -> bool:
+    """False when ``cls`` is an auto class without a model for this config's type."""
+    mapping = getattr(cls, "_model_mapping", None)
+    if mapping is None:
+        return cls is not None
+    try:
+        return type(config) in mapping
+    except Exception:  # lazy mappings import model modules; when that fails, let from_pretrained say why
+        return True
 
 
 def _is_model_class(cls: Any) -> bool:

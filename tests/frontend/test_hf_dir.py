@@ -508,3 +508,9 @@ def test_smoothquant_on_the_real_minilm_directory(minilm_dir, tmp_path):
     assert result.exit_code == 0, result.output
     rules = {r["name"]: r["applied"] for r in json.loads(report.read_text())["rules"]}
     assert rules["std.smooth_compensated"] == 12
+
+
+def test_task_without_a_model_for_the_config_names_the_tasks_it_has(gpt2_dir):
+    with pytest.raises(NormcError, match="`--task masked-lm` .AutoModelForMaskedLM. has no model for model_type `gpt2`") as e:
+        load_model(str(gpt2_dir[0]), task="masked-lm")
+    assert "causal-lm" in e.value.hint and "masked-lm" not in e.value.hint
