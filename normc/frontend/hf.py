@@ -320,7 +320,7 @@ def load_hf_dir(
     kwargs, specs = example_inputs(model, config, batch=batch, seq_len=seq_len, image_size=image_size)
     files = [d / f for f in COPY_FILES if (d / f).is_file()]
     return LoadedModel(model, (), kwargs, specs, str(path), True, notes=notes,
-                       hf_dir=d, hf_config=config, hf_files=files)
+                       hf_dir=d, hf_config=model.config, hf_files=files)
 
 
 def _float32() -> dict:
