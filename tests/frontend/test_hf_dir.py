@@ -147,6 +147,7 @@ def test_the_directory_its_config_and_the_files_to_copy_are_recorded(gpt2_dir):
     d, _ = gpt2_dir
     loaded = load_model(str(d))
     assert loaded.hf_dir == d
+    assert loaded.hf_config is loaded.module.config
     assert loaded.hf_config.model_type == "gpt2" and loaded.hf_config.use_cache is False
     assert {p.name for p in loaded.hf_files} == {"tokenizer_config.json", "generation_config.json"}
     assert loaded.source == str(d)
