@@ -51,7 +51,7 @@ def _common(f):
     f = click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="write a JUnit XML file (one case per rule x output)")(f)
     f = click.option("--diff", "diff_path", type=click.Path(dir_okay=False), help="write an HTML picture of the graph before and after")(f)
     f = click.option("--weights", type=click.Path(dir_okay=False), help="weights for a factory model: .safetensors or a state dict")(f)
-    f = click.option("--allow-pickle", is_flag=True, help="allow loading a pickled whole-module .pt (unpickling runs code from the file)")(f)
+    f = click.option("--allow-pickle", is_flag=True, help="allow pickled weights: a whole-module .pt, or the .bin weights of a Hugging Face directory (unpickling runs code from the file)")(f)
     f = click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write the JSON report here")(f)
     f = click.option("--samples", default=4, show_default=True, type=click.IntRange(min=1),
                      help="random verification inputs (besides the example input)")(f)
@@ -60,12 +60,33 @@ def _common(f):
     f = _rules_path(f)
     f = click.option("--allow-outside-writes", is_flag=True,
                      help="let `export ... to PATH` in the rules write outside the current and -o folders")(f)
-    return f
+    return _hf_options(f)
 
 
 def _rules_path(f):
     return click.option("--rules-path", "rules_path", multiple=True, type=click.Path(file_okay=False),
                         help="a folder `use \"x.nc\"` may read rules from (repeatable)")(f)
+
+
+def _hf_options(f):
+    """How a Hugging Face directory is loaded (normc.frontend.hf)."""
+    f = click.option("--task", default=None, help="Hugging Face directory: the class to load instead of "
+                     "config.architectures: a task (base, causal-lm, masked-lm, sequence-classification, "
+                     "image-classification, ...), an auto class or a model class name")(f)
+    f = click.option("--trust-remote-code", is_flag=True, help="Hugging Face directory: allow its own modelling "
+                     "code (config auto_map) to run")(f)
+    f = click.option("--batch", type=click.IntRange(min=1), default=None,
+                     help="Hugging Face directory: batch size of the example inputs [1]")(f)
+    f = click.option("--seq-len", type=click.IntRange(min=1), default=None,
+                     help="Hugging Face directory: sequence length of the example token inputs [16]")(f)
+    f = click.option("--image-size", type=click.IntRange(min=1), default=None,
+                     help="Hugging Face directory: image size of the example pixel_values "
+                     "[config.image_size, else 224]")(f)
+    return f
+
+
+def _hf_load_options(opts) -> dict:
+    return {k: opts.get(k) for k in ("task", "trust_remote_code", "batch", "seq_len", "image_size")}
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,7 +102,8 @@ def _run(rules, model, output, opts, write, dry_run=False):
     program = api.load_rules(rules, rules_path=opts.get("rules_path", ()))
     with progress_reporter() as say:
         say("loading model")
-        loaded = api.load(program, model, weights=opts["weights"], allow_pickle=opts["allow_pickle"])
+        loaded = api.load(program, model, weights=opts["weights"], allow_pickle=opts["allow_pickle"],
+                          **_hf_load_options(opts))
         options = RunOptions(output=Path(output) if output else None, verify_inputs=opts["samples"], seed=opts["seed"],
                              write=write, dry_run=dry_run, progress=say, rollback=opts.get("rollback", False),
                              strict=opts.get("strict", False), keep_before=bool(opts.get("diff_path")),
@@ -144,7 +166,7 @@ def apply(rules, model, output, opset, **opts):
     """Apply RULES (a .nc file) to MODEL, verify, and write the result.
 
     MODEL is zoo:NAME, path/to/file.py:function, package.module:function, a .pt2 archive,
-    or a pickled .pt module (with --allow-pickle).
+    a Hugging Face directory (config.json + safetensors), or a pickled .pt module (with --allow-pickle).
     """
     opts["opset"] = opset
     result = _run(rules, model, output, opts, write=True)
@@ -190,12 +212,14 @@ def check(rules, model, **opts):
 @click.option("--all", "show_all", is_flag=True, help="also list near misses whose root op matched only")
 @click.option("--debug", is_flag=True, help="show Python tracebacks")
 @_rules_path
-def explain(rules, model, weights, allow_pickle, report_path, show_all, debug, rules_path):
+@_hf_options
+def explain(rules, model, weights, allow_pickle, report_path, show_all, debug, rules_path, **hf):
     """Show where each rule of RULES would apply to MODEL, and why not elsewhere; changes nothing.
 
     Each rule is matched against the model as loaded (rules do not see each other's rewrites).
     """
-    opts = dict(weights=weights, allow_pickle=allow_pickle, samples=0, seed=0, report_path=report_path, rules_path=rules_path)
+    opts = dict(weights=weights, allow_pickle=allow_pickle, samples=0, seed=0, report_path=report_path,
+                rules_path=rules_path, **hf)
     result = _run(rules, model, None, opts, write=False, dry_run=True)
     _explain(result, show_all)
 

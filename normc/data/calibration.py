@@ -328,12 +328,17 @@ def load_calibration(
 
     ``source`` None (or ``"random"``): ``n`` (default 64) random inputs from the model's input
     specs. A ``.pt``/``.pth``/``.safetensors`` file: tensors. A ``.txt`` file: sentences,
-    tokenized with ``tokenizer`` (default: MiniLM's). A list of strings: those sentences
+    tokenized with ``tokenizer`` (default: the tokenizer of the Hugging Face directory the model came
+    from, else MiniLM's). A list of strings: those sentences
     (e.g. ``normc.data.calibration_sentences()``, the 64-sentence calibration split of the
     built-in set). ``n`` caps the number of samples.
     """
     specs = loaded.input_specs if loaded is not None else None
     n_pos = len(loaded.example_args) if loaded is not None else None
+    if tokenizer is None and getattr(loaded, "hf_dir", None) is not None and (
+            isinstance(source, (list, tuple)) or Path(str(source)).suffix.lower() in TEXT_SUFFIXES):
+        from normc.frontend.hf import text_tokenizer  # a Hugging Face directory: its own tokenizer
+        tokenizer = text_tokenizer(loaded)
     if isinstance(source, (list, tuple)):
         if not all(isinstance(x, str) for x in source):
             raise NormcError("a calibration list must hold sentences (strings)")

@@ -8,6 +8,8 @@ passed ``allow_pickle=True``. Accepted sources:
   package.module:function       a factory in an importable module
   model.pt2                     a torch.export ExportedProgram (torch.export.save)
   model.pt / model.pth          a pickled whole nn.Module: refused unless allow_pickle
+  path/to/dir/                  a Hugging Face directory (config.json + safetensors), see
+                                ``normc.frontend.hf``
 
 A factory returns an ``nn.Module`` or ``(module, example_inputs)`` where
 ``example_inputs`` is a tensor, a tuple/list of tensors (positional arguments) or a
@@ -41,7 +43,8 @@ from normc.frontend.zoo import load_zoo
 
 ACCEPTED_FORMS = (
     "`zoo:NAME`, `path/to/file.py:function`, `package.module:function`, "
-    "`model.pt2` (torch.export), or `model.pt` with --allow-pickle"
+    "`model.pt2` (torch.export), a Hugging Face directory (config.json + safetensors), "
+    "or `model.pt` with --allow-pickle"
 )
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 _WEIGHT_SUFFIXES = (".safetensors",)
@@ -54,29 +57,53 @@ def _one_line(exc: BaseException) -> str:
 
 
 def load_model(
-    source: str,
+    source: str | os.PathLike,
     *,
     weights: str | None = None,
     allow_pickle: bool = False,
     input_specs: list[InputSpec] | None = None,
     example_args: tuple | None = None,
+    task: str | None = None,
+    trust_remote_code: bool = False,
+    batch: int | None = None,
+    seq_len: int | None = None,
+    image_size: int | None = None,
 ) -> LoadedModel:
     """Load ``source`` into an eval-mode module with example inputs.
 
     ``weights``: a ``.safetensors`` file or a state-dict file (loaded with
     ``torch.load(weights_only=True)``), loaded strictly into the module.
     ``input_specs``: declared inputs (from ``input`` lines of a .nc file); when given,
-    the example inputs are drawn from them with a fixed seed and they replace any others.
+    the example inputs are drawn from them with a fixed seed and they replace any others
+    (keyword inputs, by name, for a model whose example inputs are all keywords).
     ``example_args``: explicit positional example inputs (override the factory's).
+    ``task``, ``trust_remote_code``, ``batch``, ``seq_len``, ``image_size``: for Hugging Face
+    directories only (see :func:`normc.frontend.hf.load_hf_dir`).
     """
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     if not isinstance(source, str) or not source.strip():
         raise NormcError("no model given", hint=f"name a model as one of: {ACCEPTED_FORMS}")
     source = source.strip()
+    hf_options = dict(task=task, trust_remote_code=trust_remote_code, batch=batch, seq_len=seq_len,
+                      image_size=image_size)
 
-    if source.startswith("zoo:"):
-        loaded = load_zoo(source[len("zoo:"):])
+    if not source.startswith("zoo:") and os.path.isdir(source):
+        from normc.frontend.hf import load_hf_dir
+
+        if weights is not None:
+            raise NormcError(f"--weights does not apply to the Hugging Face directory `{source}`",
+                             hint="the directory's own safetensors are its weights; drop --weights")
+        loaded = load_hf_dir(source, allow_pickle=allow_pickle, **hf_options)
     else:
-        loaded = _load_file_or_factory(source, allow_pickle)
+        given = [k.replace("_", "-") for k, v in hf_options.items() if v not in (None, False)]
+        if given:
+            raise NormcError(f"--{given[0]} applies to Hugging Face directories only, not to `{source}`",
+                             hint="drop it, or name a directory with config.json and safetensors")
+        if source.startswith("zoo:"):
+            loaded = load_zoo(source[len("zoo:"):])
+        else:
+            loaded = _load_file_or_factory(source, allow_pickle)
 
     if weights is not None:
         load_weights(loaded.module, weights)
@@ -91,8 +118,11 @@ def load_model(
     if input_specs is not None:
         specs = list(input_specs)
         if example_args is None:
-            loaded.example_args = sample_examples(specs)
-            loaded.example_kwargs = {}
+            if loaded.example_kwargs and not loaded.example_args:
+                _declared_as_keywords(loaded, specs, source)
+            else:
+                loaded.example_args = sample_examples(specs)
+                loaded.example_kwargs = {}
         loaded.input_specs = specs
 
     if loaded.example_args is None:
@@ -104,6 +134,28 @@ def load_model(
     set_eval(loaded.module)
     loaded.source = source
     return loaded
+
+
+def _declared_as_keywords(loaded: LoadedModel, specs: list[InputSpec], source: str) -> None:
+    """Declared inputs of a model called with keywords only (a Hugging Face directory, a factory
+    whose example is a dict): each is the keyword argument of its name."""
+    import inspect
+
+    try:
+        params = inspect.signature(loaded.module.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    # a plain `**kwargs` takes any name; a transformers model's `**kwargs` are attention options
+    any_name = loaded.hf_dir is None and any(p.kind == p.VAR_KEYWORD for p in params.values())
+    unknown = [] if any_name else [s.name for s in specs if s.name not in params]
+    if unknown:
+        takes = ", ".join(n for n in params if n not in ("self", "kwargs"))[:200]
+        raise NormcError(f"the declared input `{unknown[0]}` is not an argument of {type(loaded.module).__name__}"
+                         f".forward (`{source}`)",
+                         hint=f"name the inputs after its arguments: {takes}")
+    values = sample_examples(specs)
+    loaded.example_args = ()
+    loaded.example_kwargs = {s.name: v for s, v in zip(specs, values)}
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -245,20 +297,48 @@ def _from_result(source: str, result: Any, what: str) -> LoadedModel:
         args = None
         specs: list[InputSpec] = []
     else:
-        if isinstance(example, torch.Tensor):
-            args = (example,)
-        elif isinstance(example, (tuple, list)):
-            args = tuple(example)
-        elif isinstance(example, dict):
-            args, kwargs = (), dict(example)
-        else:
-            raise NormcError(
-                f"{what} returned example inputs of type {type(example).__name__}",
-                hint="example inputs must be a tensor, a tuple of tensors or a dict of tensors")
-        _check_tensors(args, source, "example inputs")
-        _check_tensors(tuple(kwargs.values()), source, "example inputs")
+        args, kwargs = split_examples(example, source, what)
         specs = specs_from_examples(args, kwargs, names)
     return LoadedModel(module, args, kwargs, specs, source, _is_hf(module))
+
+
+def split_examples(example: Any, source: str, what: str = "the example inputs") -> tuple[tuple, dict]:
+    """``(args, kwargs)`` from example inputs given as a tensor, a tuple/list of tensors
+    (positional), a dict of tensors (keywords) or an ``(args_tuple, kwargs_dict)`` pair."""
+    kwargs: dict = {}
+    if isinstance(example, torch.Tensor):
+        args: tuple = (example,)
+    elif (isinstance(example, tuple) and len(example) == 2 and isinstance(example[0], (tuple, list))
+          and isinstance(example[1], dict)):
+        args, kwargs = tuple(example[0]), dict(example[1])
+    elif isinstance(example, (tuple, list)):
+        args = tuple(example)
+    elif isinstance(example, dict):
+        args, kwargs = (), dict(example)
+    else:
+        raise NormcError(
+            f"{what} gave example inputs of type {type(example).__name__}",
+            hint="example inputs must be a tensor, a tuple of tensors or a dict of tensors")
+    _check_tensors(args, source, "example inputs")
+    _check_tensors(tuple(kwargs.values()), source, "example inputs")
+    return args, kwargs
+
+
+def load_module(module: nn.Module, example_inputs: Any = None, *, source: str | None = None) -> LoadedModel:
+    """A LoadedModel for an ``nn.Module`` the caller already holds (the library API).
+
+    ``example_inputs``: a tensor, a tuple/list of tensors, a dict of tensors, or ``(args, kwargs)``;
+    None leaves them to the caller (e.g. the rules' ``input`` declarations). The module is put
+    in ``eval()`` mode in place (normc compiles for inference); its weights are not copied here.
+    """
+    if not isinstance(module, nn.Module):
+        raise NormcError(f"expected an nn.Module, got {type(module).__name__}",
+                         hint="pass the model object, or a model source string")
+    name = source or type(module).__name__
+    result = module if example_inputs is None else (module, example_inputs)
+    loaded = _from_result(name, result, what=f"`{name}`")
+    loaded.source = name
+    return loaded
 
 
 def _check_tensors(values: tuple, source: str, what: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,6 +88,12 @@ class LoadedModel:
     # Set when the model came from a torch.export ``.pt2`` file: tracing reuses it.
     exported_program: Any = None
     notes: list[str] = field(default_factory=list)
+    # Set when the model came from a Hugging Face directory (normc.frontend.hf): the directory,
+    # its transformers config (a PretrainedConfig, as loaded: float32, use_cache=False) and the
+    # tokenizer / preprocessor / generation files in it that a rebuilt directory should copy.
+    hf_dir: Path | None = None
+    hf_config: Any = None
+    hf_files: list[Path] = field(default_factory=list)
 
     def sample_inputs(self, generator: torch.Generator) -> tuple[tuple, dict]:
         n = len(self.example_args)

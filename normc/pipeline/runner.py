@@ -119,7 +119,7 @@ def prepare_graph(loaded: LoadedModel) -> tuple[fx.GraphModule, dict]:
     resolve_with_shapes(gm)  # no-op casts, shapes read from tensors, shape-only readers
     if run_recognizers(gm):
         annotate_shapes(gm, loaded.example_args, loaded.example_kwargs)
-    return gm, {"method": traced.method, "notes": list(traced.notes)}
+    return gm, {"method": traced.method, "notes": list(loaded.notes) + list(traced.notes)}  # how it was loaded, traced
 
 
 def _tolerance(step: T.Verify | None, dtype: torch.dtype) -> Tolerance:
@@ -148,6 +148,9 @@ class _Runner:
     def inputs(self, n: int, dtype: torch.dtype | None = None):
         specs = self.loaded.input_specs
         drawn = sample_inputs(specs, n, seed=self.options.seed) if n > 0 and specs else []
+        n_pos = len(self.loaded.example_args)
+        if len(specs) > n_pos:  # the specs past the positional ones are keyword inputs (LoadedModel)
+            drawn = [(a[:n_pos], {s.name: t for s, t in zip(specs[n_pos:], a[n_pos:])}) for a, _ in drawn]
         inputs = [(tuple(self.loaded.example_args), dict(self.loaded.example_kwargs))] + list(drawn)
         return cast_inputs(inputs, dtype) if dtype is not None else inputs
 
