@@ -135,6 +135,9 @@ class _Runner:
     def inputs(self, n: int, dtype: torch.dtype | None = None):
         specs = self.loaded.input_specs
         drawn = sample_inputs(specs, n, seed=self.options.seed) if n > 0 and specs else []
+        n_pos = len(self.loaded.example_args)
+        if len(specs) > n_pos:  # the specs past the positional ones are keyword inputs (LoadedModel)
+            drawn = [(a[:n_pos], {s.name: t for s, t in zip(specs[n_pos:], a[n_pos:])}) for a, _ in drawn]
         inputs = [(tuple(self.loaded.example_args), dict(self.loaded.example_kwargs))] + list(drawn)
         return cast_inputs(inputs, dtype) if dtype is not None else inputs
 
