@@ -220,9 +220,15 @@ def needs_decompositions(ep) -> bool:
         target = node.target
         if isinstance(target, torch._ops.HigherOrderOperator):
             return True
-        if isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
+        if isinstance(target, torch._ops.OpOverload) and (target._schema.is_mutable or target in _DECOMPOSED_FORMS):
             return True
     return False
+
+
+# ops of torch.export's graph that canonicalization knows in their decomposed form only
+_DECOMPOSED_FORMS = {torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten.to.device,
+                     torch.ops.aten.to.other, torch.ops.aten.to.prim_dtype, torch.ops.aten.to.prim_Device,
+                     torch.ops.aten.to.prim_other, torch.ops.aten.type_as.default}
 
 
 def _finish_export(ep, loaded: LoadedModel, ref: Any, notes: list[str]) -> tuple[fx.GraphModule, Any]:
