@@ -222,13 +222,57 @@ def needs_decompositions(ep) -> bool:
             return True
         if isinstance(target, torch._ops.OpOverload) and (target._schema.is_mutable or target in _DECOMPOSED_FORMS):
             return True
+        if target in _CASTS and _plain_cast(node) is None:
+            return True
     return False
 
 
 # ops of torch.export's graph that canonicalization knows in their decomposed form only
-_DECOMPOSED_FORMS = {torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten.to.device,
-                     torch.ops.aten.to.other, torch.ops.aten.to.prim_dtype, torch.ops.aten.to.prim_Device,
-                     torch.ops.aten.to.prim_other, torch.ops.aten.type_as.default}
+_DECOMPOSED_FORMS = {torch.ops.aten.to.other, torch.ops.aten.to.prim_dtype, torch.ops.aten.to.prim_Device,
+                     torch.ops.aten.to.prim_other}
+_CASTS = {torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten.to.device}
+
+
+def _plain_cast(node: fx.Node):
+    """For ``aten.to`` that only changes the dtype (device and layout as the input's): ``("cast", dtype)``
+    or ``("same", None)`` when it changes nothing; None otherwise (decomposition then handles it)."""
+    names = [a.name for a in node.target._schema.arguments]
+    kw = dict(zip(names, node.args))
+    kw.update(node.kwargs)
+    src = kw.get("self")
+    val = src.meta.get("val") if isinstance(src, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return None
+    device, layout = kw.get("device"), kw.get("layout")
+    if device is not None and torch.device(device) != val.device:
+        return None
+    if layout not in (None, torch.strided) or kw.get("memory_format") not in (None, torch.preserve_format):
+        return None
+    dtype = kw.get("dtype")
+    return ("same", None) if dtype is None or dtype == val.dtype else ("cast", dtype)
+
+
+def _casts_to_copies(gm: fx.GraphModule) -> None:
+    """``aten.to`` (training IR) as the ``aten._to_copy`` decomposition would leave it: a dtype change
+    becomes ``_to_copy(x, dtype=...)``, a no-op disappears. Local and linear, instead of re-tracing."""
+    changed = False
+    for target in _CASTS:
+        for node in list(gm.graph.find_nodes(op="call_function", target=target)):
+            kind = _plain_cast(node)
+            src = node.args[0]
+            if kind is None:
+                continue
+            if kind[0] == "same":
+                node.replace_all_uses_with(src)
+            else:
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.call_function(torch.ops.aten._to_copy.default, (src,), {"dtype": kind[1]})
+                new.meta.update(node.meta)
+                node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            changed = True
+    if changed:
+        gm.recompile()
 
 
 def _finish_export(ep, loaded: LoadedModel, ref: Any, notes: list[str]) -> tuple[fx.GraphModule, Any]:
@@ -236,6 +280,7 @@ def _finish_export(ep, loaded: LoadedModel, ref: Any, notes: list[str]) -> tuple
         TRACE_COUNTS["run_decompositions"] += 1
         ep = ep.run_decompositions({})
     gm = ep.module()
+    _casts_to_copies(gm)
     set_eval(gm)
     training_bn = [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and str(n.target) in (
         "aten._native_batch_norm_legit_functional.default", "aten._native_batch_norm_legit.default",
@@ -270,10 +315,12 @@ def _quiet(fn):
     return wrapper
 
 
-def _mark(gm: fx.GraphModule, dyn: DynamicDims | None, example: tuple | None) -> None:
-    """Keep the dynamic dims and the example they were traced at with the graph: the outputs export it."""
+def _mark(gm: fx.GraphModule, dyn: DynamicDims | None, example: tuple | None, warned: list[str] | None = None) -> None:
+    """Keep the dynamic dims and the example they were traced at with the graph (the outputs export it
+    that way), and the warnings of the trace (the runner reports them)."""
     gm.meta["normc_dynamic"] = dyn if dyn is not None and dyn.symbolic else None
     gm.meta["normc_trace_example"] = example
+    gm.meta["normc_trace_warnings"] = list(warned or [])
 
 
 def _export_original(module, args, kwargs, dynamic_shapes=None):
@@ -367,5 +414,5 @@ def trace_model(loaded: LoadedModel, *, copy_weights: bool = True, dynamic: bool
         raise NormcError(f"the torch.export graph of `{loaded.source}` does not run: {_one_line(e)}",
                          hint="report this model to the normc authors with the torch version") from e
     annotate_module_paths(gm)
-    _mark(gm, None, (tuple(loaded.example_args), dict(loaded.example_kwargs)))
+    _mark(gm, None, (tuple(loaded.example_args), dict(loaded.example_kwargs)), warned)
     return TraceResult(gm, EXPORT, notes, ep, None, warned)

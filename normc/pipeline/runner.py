@@ -105,8 +105,7 @@ def prepare_graph(loaded: LoadedModel, dynamic: bool = True) -> tuple[fx.GraphMo
     resolve_with_shapes(gm)  # no-op casts, shapes read from tensors, shape-only readers
     if run_recognizers(gm):
         annotate_shapes(gm, loaded.example_args, loaded.example_kwargs)
-    return gm, {"method": traced.method, "notes": list(traced.notes), "warnings": list(traced.warnings),
-                "dynamic": traced.dynamic.describe() if traced.dynamic is not None else {}}
+    return gm, {"method": traced.method, "notes": list(loaded.notes) + list(traced.notes)}  # how it was loaded, traced
 
 
 def _tolerance(step: T.Verify | None, dtype: torch.dtype) -> Tolerance:
@@ -145,7 +144,7 @@ class _Runner:
         t0 = time.perf_counter()
         self.say("tracing")
         gm, trace_info = prepare_graph(self.loaded, dynamic=not self.options.static)
-        self.warnings += trace_info.pop("warnings")
+        self.warnings += gm.meta.get("normc_trace_warnings", [])
         before = op_counts(gm)
         before_gm = copy.deepcopy(gm) if self.options.keep_before else None
         # the original's outputs on the verification inputs are computed once for every step
@@ -279,6 +278,7 @@ class _Runner:
         original runs there first (cached for verification): a shape it refuses is not used. A
         symbolic_trace graph keeps symbolic only the dims verified this way."""
         dyn = gm.meta.get("normc_dynamic")
+        trace_info["dynamic"] = dyn.describe() if dyn is not None else {}
         if dyn is None:
             return []
         notes = trace_info["notes"]
