@@ -57,6 +57,8 @@ def write_outputs(run, result) -> None:
         if ex.path is not None:
             targets.append((ex.format, Path(ex.path), ex.options))
     for fmt, path, opts in targets:
+        if fmt in ("torch", "onnx"):
+            program()  # its own progress stage, before the writing one
         run.say(f"writing {path}")
         if fmt == "torch":
             torch_backend.save_pt2(gm, loaded.example_args, loaded.example_kwargs, path, program=program())
