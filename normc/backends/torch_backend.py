@@ -14,7 +14,6 @@ from torch import nn
 from normc.atomic import atomic_path
 from normc.errors import NormcError
 
-
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CLASS_LINE = re.compile(r"^<class '(?:[\w.]+\.)?(\w+)'>:\s*(.*)$")
 _USER_FRAME = re.compile(r'File "([^"]+)", line (\d+)')

@@ -14,8 +14,9 @@ traced at size 2 (the example repeated): the graph then runs at 1 as well (check
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -47,7 +48,7 @@ class DynamicDims:
                 out[name] = {int(k): v for k, v in sorted(d.items())}
         return out
 
-    def restrict(self, symbols: set[str]) -> "DynamicDims":
+    def restrict(self, symbols: set[str]) -> DynamicDims:
         """The same with only ``symbols`` kept symbolic."""
         dims = [{k: v for k, v in d.items() if v in symbols} for d in self.dims]
         return dataclasses.replace(self, dims=dims, sizes={s: n for s, n in self.sizes.items() if s in symbols},
