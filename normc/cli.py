@@ -1,5 +1,5 @@
-"""The `normc` command. Exit codes: 0 ok, 1 verification failed, 2 usage/input error,
-3 backend missing, 4 internal error (rerun with --debug)."""
+"""The `normc` command. Exit codes: 0 ok, 1 verification failed (or, with --require-applied, no site
+was rewritten), 2 usage/input error, 3 backend missing, 4 internal error (rerun with --debug)."""
 from __future__ import annotations
 
 import json
@@ -60,6 +60,10 @@ def _common(f):
     f = _rules_path(f)
     f = click.option("--allow-outside-writes", is_flag=True,
                      help="let `export ... to PATH` in the rules write outside the current and -o folders")(f)
+    f = click.option("--static", is_flag=True, help="trace and export at the example shape only (default: batch, "
+                     "sequence and image size stay dynamic where the model allows it)")(f)
+    f = click.option("--require-applied", is_flag=True, help="exit 1 when no rule rewrote any site")(f)
+    f = click.option("-q", "--quiet", is_flag=True, help="no progress lines on stderr")(f)
     return _hf_options(f)
 
 
@@ -100,14 +104,16 @@ def _run(rules, model, output, opts, write, dry_run=False):
     from .pipeline import RunOptions, compile_model
     from .report.progress import progress_reporter
     program = api.load_rules(rules, rules_path=opts.get("rules_path", ()))
-    with progress_reporter() as say:
+    # on a terminal a live display; elsewhere (CI logs) one plain line per stage with its duration
+    with progress_reporter(enabled=not opts.get("quiet", False)) as say:
         say("loading model")
         loaded = api.load(program, model, weights=opts["weights"], allow_pickle=opts["allow_pickle"],
                           **_hf_load_options(opts))
         options = RunOptions(output=Path(output) if output else None, verify_inputs=opts["samples"], seed=opts["seed"],
                              write=write, dry_run=dry_run, progress=say, rollback=opts.get("rollback", False),
                              strict=opts.get("strict", False), keep_before=bool(opts.get("diff_path")),
-                             opset=opts.get("opset"), allow_outside_writes=opts.get("allow_outside_writes", False))
+                             opset=opts.get("opset"), allow_outside_writes=opts.get("allow_outside_writes", False),
+                             static=opts.get("static", False), require_applied=opts.get("require_applied", False))
         result = compile_model(program, loaded, options)
     _write_reports(result, opts)
     return result
@@ -148,6 +154,11 @@ def _summary(result, verb: str):
         status = "[green]passed[/green]" if v["passed"] else "[red]FAILED[/red]"
         console.print(f"verify: {status}  max_abs {v['max_abs_err']:.3g}  max_rel {v['max_rel_err']:.3g}  "
                       f"min cosine {v['min_cosine']:.9f}  ({v['n_inputs']} inputs)")
+    nothing = r.get("nothing_rewritten")
+    if nothing:
+        console.print(f"[yellow]{nothing['message']}[/yellow]"
+                      + "".join(f"\n  {x['reason']}" + (f" ({x['sites']} sites)" if x["sites"] > 1 else "")
+                                for x in nothing["reasons"]), highlight=False, markup=True)
     for w in r.get("warnings", []):
         console.print(f"[yellow]warning: {w}[/yellow]")
     if not v["passed"]:

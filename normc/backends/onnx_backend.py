@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from normc.atomic import atomic_path
-from normc.backends.torch_backend import one_line
+from normc.backends.torch_backend import export_graph, one_line
 from normc.errors import NormcError
 from normc.verify.compare import (
     OutputDiff,
@@ -53,17 +53,56 @@ def _quiet_exporter():
             lg.setLevel(lv)
 
 
-def _param_bytes(module: nn.Module) -> int:
+def _param_bytes(module: Any) -> int:
     seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
+    tensors = list(module.state_dict.values()) + list(module.constants.values()) if hasattr(module, "graph_signature") \
+        else list(module.parameters()) + list(module.buffers())
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
         if id(t) not in seen:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
 
 
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def output_names(out_spec: Any, n: int, taken: Sequence[str] = ()) -> list[str]:
+    """ONNX output names from the program's output structure: a dict's keys (``logits``,
+    ``last_hidden_state``), a namedtuple's fields, ``output_0..n`` for tensors in a tuple or alone;
+    nested leaves join their path with ``_``. Unique, and never an input's name."""
+    try:
+        tree = pytree.tree_unflatten(list(range(n)), out_spec)
+        paths = [p for p, _ in pytree.tree_flatten_with_path(tree)[0]]
+    except Exception:  # noqa: BLE001 - an output structure pytree cannot rebuild: plain names
+        paths = [None] * n
+    names: list[str] = []
+    used = set(taken)
+    for i, path in enumerate(paths):
+        if not path:
+            base = f"output_{i}"
+        else:
+            parts = [_key_name(k) for k in path]
+            if isinstance(path[0], pytree.SequenceKey):
+                parts[0] = f"output_{parts[0]}"
+            base = "_".join(parts)
+        name, k = base, 1
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name)
+        names.append(name)
+    return names
+
+
 def export_onnx(
-    module: nn.Module,
+    module: nn.Module | None,
     example_args: tuple,
     example_kwargs: dict | None,
     path: str | os.PathLike,
@@ -71,27 +110,33 @@ def export_onnx(
     *,
     optimize: bool = True,
     external_data: bool | None = None,
+    program: Any = None,
 ) -> Path:
-    """Export with ``torch.onnx.export(dynamo=True)`` and write ``path`` atomically.
+    """Lower ``program`` (an ExportedProgram; default: :func:`export_graph` of ``module``) with the
+    dynamo ONNX exporter and write ``path`` atomically.
 
     ``external_data`` None: weights inline unless the model is too large for one protobuf
     (then ``<name>.data`` beside the model). Graph inputs are named after the forward
-    arguments (``None`` arguments are dropped); outputs follow :func:`flatten_outputs` order.
+    arguments (``None`` arguments are dropped); outputs follow :func:`flatten_outputs` order and
+    are named by :func:`output_names`. Dims the program keeps symbolic stay symbolic.
     """
     path = Path(path)
+    if program is None:
+        program = export_graph(module, example_args, example_kwargs)[0]
     if external_data is None:
-        external_data = _param_bytes(module) > _EXTERNAL_DATA_BYTES
+        external_data = _param_bytes(program) > _EXTERNAL_DATA_BYTES
+    sig = program.graph_signature
+    outs = output_names(program.call_spec.out_spec, len(sig.user_outputs), [str(i) for i in sig.user_inputs])
     try:
         with _quiet_exporter():
-            program = torch.onnx.export(
-                module,
-                tuple(example_args),
-                kwargs=dict(example_kwargs or {}),
+            onnx_program = torch.onnx.export(
+                program,
                 dynamo=True,
                 opset_version=int(opset),
                 external_data=bool(external_data),
                 optimize=optimize,
                 verbose=False,
+                output_names=outs,
             )
     except NormcError:
         raise
@@ -104,21 +149,44 @@ def export_onnx(
             hint = ("export to torch (.pt2) first to see whether torch.export accepts the model, "
                     "or try another opset")
         raise NormcError(f"ONNX export (opset {opset}) failed: {cause}", hint=hint) from exc
-    if program is None:  # only the legacy exporter returns None
+    if onnx_program is None:  # only the legacy exporter returns None
         raise NormcError("ONNX export returned no program", hint="use torch>=2.5 with the dynamo exporter")
+    _name_dims(onnx_program, program)
 
     try:
         if not external_data:
             with atomic_path(path) as tmp:
-                program.save(str(tmp), external_data=False)
+                onnx_program.save(str(tmp), external_data=False)
         else:
-            _save_with_external_data(program, path)
+            _save_with_external_data(onnx_program, path)
     except NormcError:
         raise
     except Exception as exc:
         raise NormcError(f"cannot write {path}: {one_line(exc)}",
                          hint="check free disk space and permissions of the output folder") from exc
     return path
+
+
+def _name_dims(onnx_program: Any, program: Any) -> None:
+    """Symbolic dims named by role (``batch``, ``sequence``) instead of torch's ``s72``. Cosmetic: any
+    surprise in the exporter's object model leaves the names as they are."""
+    try:
+        import onnx_ir as ir
+
+        from normc.frontend.shapes import symbol_roles
+        roles = symbol_roles(program)
+        if not roles:
+            return
+        graph = onnx_program.model.graph
+        values = list(graph.inputs) + list(graph.outputs) + [v for node in graph for v in node.outputs]
+        for v in values:
+            shape = v.shape
+            if shape is None or not any(isinstance(d, ir.SymbolicDim) and d.value in roles for d in shape.dims):
+                continue
+            v.shape = ir.Shape([ir.SymbolicDim(roles[d.value]) if isinstance(d, ir.SymbolicDim) and d.value in roles
+                                else d for d in shape.dims])
+    except Exception:  # noqa: BLE001 - names are a nicety, never a reason to fail an export
+        return
 
 
 def _save_with_external_data(program: Any, path: Path) -> None:

@@ -1,8 +1,7 @@
 """Torch outputs: an exported program (.pt2) and a state dict (.safetensors or torch.save)."""
 from __future__ import annotations
 
-import copy
-
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -14,7 +13,6 @@ from torch import nn
 
 from normc.atomic import atomic_path
 from normc.errors import NormcError
-
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CLASS_LINE = re.compile(r"^<class '(?:[\w.]+\.)?(\w+)'>:\s*(.*)$")
@@ -47,10 +45,32 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     return f"{kind}: {line}{where}" if line else kind
 
 
-def export_program(module: nn.Module, example_args: tuple, example_kwargs: dict | None = None):
-    """``torch.export.export(strict=False)`` with failures as NormcError."""
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """``module`` in eval mode for the duration (graph modules are created in training mode; exporting
+    one that way makes torch warn and, for dropout or batch norm, trace the training behaviour)."""
+    was = getattr(module, "training", False)
+    if was:
+        try:
+            module.eval()
+        except NotImplementedError:  # ExportedProgram.module() refuses eval(): its mode is fixed
+            was = False
     try:
-        return torch.export.export(module, tuple(example_args), kwargs=dict(example_kwargs or {}), strict=False)
+        yield module
+    finally:
+        if was:
+            module.train(True)
+
+
+def export_program(module: nn.Module, example_args: tuple, example_kwargs: dict | None = None,
+                   dynamic_shapes=None):
+    """``torch.export.export(strict=False)`` (in eval mode) with failures as NormcError."""
+    from normc.frontend.trace import TRACE_COUNTS
+    TRACE_COUNTS["export_graph"] += 1
+    try:
+        with eval_mode(module), _quiet_pytree():
+            return torch.export.export(module, tuple(example_args), kwargs=dict(example_kwargs or {}),
+                                       dynamic_shapes=dynamic_shapes, strict=False)
     except NormcError:
         raise
     except Exception as exc:  # torch raises many kinds here; the user needs one line
@@ -66,35 +86,78 @@ def _plain_spec(spec):
     loads with torch alone, without the library that defined the output class."""
     if spec.is_leaf():
         return spec
-    children = [_plain_spec(c) for c in spec.children_specs]
+    kids = spec.children() if hasattr(spec, "children") else spec.children_specs
+    children = [_plain_spec(c) for c in kids]
     kind, context = spec.type, spec.context
     if isinstance(kind, type) and issubclass(kind, dict) and kind is not dict and isinstance(context, (list, tuple)):
         kind, context = dict, list(context)
     return pytree.TreeSpec(kind, context, children)
 
 
-def plain_outputs(module: nn.Module) -> nn.Module:
-    """A copy of a graph module (from torch.export) whose outputs are plain containers; other modules as they are."""
+@contextlib.contextmanager
+def _quiet_pytree():
+    """torch's own deprecation notice about pytree ``LeafSpec``, raised inside export and save."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
+def plain_outputs(module: nn.Module):
+    """``module`` (a graph module from torch.export) returning plain containers for the duration; other
+    modules as they are. Swaps the output spec in place (no copy of the weights) and restores it."""
     codegen = getattr(getattr(module, "graph", None), "_codegen", None)
     info = getattr(codegen, "pytree_info", None)
-    if info is None or info.out_spec is None:
-        return module
-    plain = _plain_spec(info.out_spec)
-    if plain == info.out_spec:
-        return module
-    module = copy.deepcopy(module)
-    module.graph._codegen.pytree_info = info._replace(out_spec=plain)
+    plain = _plain_spec(info.out_spec) if info is not None and info.out_spec is not None else None
+    if plain is None or plain == info.out_spec:
+        yield module
+        return
+    codegen.pytree_info = info._replace(out_spec=plain)
     module.recompile()
-    return module
+    try:
+        yield module
+    finally:
+        codegen.pytree_info = info
+        module.recompile()
 
 
-def save_pt2(module: nn.Module, example_args: tuple, example_kwargs: dict | None, path: str | os.PathLike) -> Path:
-    """Export ``module`` with ``torch.export`` and save the program to ``path`` atomically.
+def export_graph(gm: nn.Module, example_args: tuple, example_kwargs: dict | None = None) -> tuple[object, list[str]]:
+    """The ExportedProgram of a rewritten graph, for every output (.pt2, ONNX, TensorRT): exported once,
+    with the dims symbolic that the trace found symbolic (``gm.meta["normc_dynamic"]``), at the example
+    the model was traced at, and with plain output containers. Returns it and warnings for the user
+    (a dim the rewritten graph no longer keeps symbolic)."""
+    from normc.frontend.shapes import auto_dynamic_shapes, dims_of_program
+
+    meta = getattr(gm, "meta", None) or {}
+    dyn = meta.get("normc_dynamic")
+    args, kwargs = meta.get("normc_trace_example") or (tuple(example_args), dict(example_kwargs or {}))
+    warnings: list[str] = []
+    with plain_outputs(gm) as module:
+        if dyn is None:
+            return export_program(module, example_args, example_kwargs), warnings
+        try:
+            ep = export_program(module, args, kwargs, auto_dynamic_shapes(module, args, kwargs, only=dyn))
+        except NormcError as exc:
+            warnings.append(f"the outputs are static: exporting with dynamic shapes failed ({exc.message})")
+            return export_program(module, example_args, example_kwargs), warnings
+    got = dims_of_program(ep, args, kwargs, dyn.names)
+    lost = [f"{dyn.names[i] if i < len(dyn.names) else i}[{d}]" for i, dims in enumerate(dyn.dims)
+            for d in dims if d not in got.dims[i]]
+    if lost:
+        warnings.append("the rewritten graph fixes " + ", ".join(lost) + " to the example size: the outputs "
+                        "take only that size there")
+    return ep, warnings
+
+
+def save_pt2(module: nn.Module, example_args: tuple, example_kwargs: dict | None, path: str | os.PathLike,
+             *, program=None) -> Path:
+    """Save ``program`` (default: :func:`export_graph` of ``module``) to ``path`` atomically.
 
     Hugging Face output classes become plain dicts (same keys), so loading needs torch only."""
     path = Path(path)
-    ep = export_program(plain_outputs(module), example_args, example_kwargs)
-    with atomic_path(path) as tmp:
+    ep = program if program is not None else export_graph(module, example_args, example_kwargs)[0]
+    with atomic_path(path) as tmp, _quiet_pytree():
         # a file object: torch.export.save warns on names that do not end in .pt2
         with open(tmp, "wb") as f:
             torch.export.save(ep, f)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,10 +32,28 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from normc.errors import NormcError
-from normc.frontend.specs import LoadedModel, set_eval
+from normc.frontend.shapes import (
+    DynamicDims,
+    auto_dynamic_shapes,
+    candidate_dims,
+    dims_of_program,
+    export_example,
+    leaf_names,
+)
+from normc.frontend.specs import LoadedModel, forward_arg_names, set_eval
 
 SYMBOLIC = "symbolic_trace"
 EXPORT = "torch.export"
+
+# How often normc traced something in this process, by kind: "torch.export" and "symbolic_trace" (of a
+# model), "run_decompositions", "export_graph" (a rewritten graph exported for the outputs). Tests and
+# benchmarks read differences of it around a run (`trace_counts()`).
+TRACE_COUNTS: Counter = Counter()
+
+
+def trace_counts() -> dict[str, int]:
+    """A snapshot of :data:`TRACE_COUNTS`."""
+    return dict(TRACE_COUNTS)
 
 
 @dataclass
@@ -45,6 +64,9 @@ class TraceResult:
     # The decomposed ExportedProgram the graph module came from (torch.export only). It may
     # share weights with the loaded model; rewrite graph_module, not this.
     exported_program: Any = None
+    # The symbolic input dims (also in graph_module.meta["normc_dynamic"]); None: traced static
+    dynamic: DynamicDims | None = None
+    warnings: list[str] = field(default_factory=list)  # things the user should see (a static fallback)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -173,6 +195,7 @@ def _reference(loaded: LoadedModel) -> Any:
 
 
 def _symbolic(module: torch.nn.Module, loaded: LoadedModel, ref: Any) -> fx.GraphModule:
+    TRACE_COUNTS["symbolic_trace"] += 1
     gm = fx.symbolic_trace(module)
     with torch.no_grad():
         if loaded.example_kwargs:
@@ -187,9 +210,78 @@ def _symbolic(module: torch.nn.Module, loaded: LoadedModel, ref: Any) -> fx.Grap
     return gm
 
 
+def needs_decompositions(ep) -> bool:
+    """Whether canonicalization needs the functional ATen graph: in-place (mutating) ops or higher-order
+    ops (autocast / no_grad regions) in the exported graph. Otherwise the graph is used as traced
+    (decomposing re-traces the whole program: the most expensive step on large models)."""
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if isinstance(target, torch._ops.HigherOrderOperator):
+            return True
+        if isinstance(target, torch._ops.OpOverload) and (target._schema.is_mutable or target in _DECOMPOSED_FORMS):
+            return True
+        if target in _CASTS and _plain_cast(node) is None:
+            return True
+    return False
+
+
+# ops of torch.export's graph that canonicalization knows in their decomposed form only
+_DECOMPOSED_FORMS = {torch.ops.aten.to.other, torch.ops.aten.to.prim_dtype, torch.ops.aten.to.prim_Device,
+                     torch.ops.aten.to.prim_other}
+_CASTS = {torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten.to.device}
+
+
+def _plain_cast(node: fx.Node):
+    """For ``aten.to`` that only changes the dtype (device and layout as the input's): ``("cast", dtype)``
+    or ``("same", None)`` when it changes nothing; None otherwise (decomposition then handles it)."""
+    names = [a.name for a in node.target._schema.arguments]
+    kw = dict(zip(names, node.args))
+    kw.update(node.kwargs)
+    src = kw.get("self")
+    val = src.meta.get("val") if isinstance(src, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return None
+    device, layout = kw.get("device"), kw.get("layout")
+    if device is not None and torch.device(device) != val.device:
+        return None
+    if layout not in (None, torch.strided) or kw.get("memory_format") not in (None, torch.preserve_format):
+        return None
+    dtype = kw.get("dtype")
+    return ("same", None) if dtype is None or dtype == val.dtype else ("cast", dtype)
+
+
+def _casts_to_copies(gm: fx.GraphModule) -> None:
+    """``aten.to`` (training IR) as the ``aten._to_copy`` decomposition would leave it: a dtype change
+    becomes ``_to_copy(x, dtype=...)``, a no-op disappears. Local and linear, instead of re-tracing."""
+    changed = False
+    for target in _CASTS:
+        for node in list(gm.graph.find_nodes(op="call_function", target=target)):
+            kind = _plain_cast(node)
+            src = node.args[0]
+            if kind is None:
+                continue
+            if kind[0] == "same":
+                node.replace_all_uses_with(src)
+            else:
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.call_function(torch.ops.aten._to_copy.default, (src,), {"dtype": kind[1]})
+                new.meta.update(node.meta)
+                node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            changed = True
+    if changed:
+        gm.recompile()
+
+
 def _finish_export(ep, loaded: LoadedModel, ref: Any, notes: list[str]) -> tuple[fx.GraphModule, Any]:
-    ep = ep.run_decompositions({})
+    if needs_decompositions(ep):
+        TRACE_COUNTS["run_decompositions"] += 1
+        ep = ep.run_decompositions({})
     gm = ep.module()
+    _casts_to_copies(gm)
+    set_eval(gm)
     training_bn = [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and str(n.target) in (
         "aten._native_batch_norm_legit_functional.default", "aten._native_batch_norm_legit.default",
         "aten.native_batch_norm.default")]
@@ -223,12 +315,27 @@ def _quiet(fn):
     return wrapper
 
 
+def _mark(gm: fx.GraphModule, dyn: DynamicDims | None, example: tuple | None, warned: list[str] | None = None) -> None:
+    """Keep the dynamic dims and the example they were traced at with the graph (the outputs export it
+    that way), and the warnings of the trace (the runner reports them)."""
+    gm.meta["normc_dynamic"] = dyn if dyn is not None and dyn.symbolic else None
+    gm.meta["normc_trace_example"] = example
+    gm.meta["normc_trace_warnings"] = list(warned or [])
+
+
+def _export_original(module, args, kwargs, dynamic_shapes=None):
+    TRACE_COUNTS["torch.export"] += 1
+    return torch.export.export(module, tuple(args), dict(kwargs), dynamic_shapes=dynamic_shapes, strict=False)
+
+
 @_quiet
-def trace_model(loaded: LoadedModel, *, copy_weights: bool = True) -> TraceResult:
+def trace_model(loaded: LoadedModel, *, copy_weights: bool = True, dynamic: bool = True) -> TraceResult:
     """Trace ``loaded`` to an FX GraphModule that reproduces it on the example inputs.
 
     ``copy_weights``: give the graph its own copy of the weights (default), so rewriting
     them leaves ``loaded.module`` untouched.
+    ``dynamic``: keep batch and sequence (and whatever else the model is generic in) symbolic; a model
+    that torch.export cannot trace that way is traced static, with a warning naming the reason.
     """
     if loaded.example_args is None:
         raise NormcError(f"`{loaded.source}` has no example inputs to trace with",
@@ -240,6 +347,7 @@ def trace_model(loaded: LoadedModel, *, copy_weights: bool = True) -> TraceResul
     except Exception as e:  # noqa: BLE001
         raise NormcError(f"running `{loaded.source}` on its example inputs failed: {_one_line(e)}",
                          hint="check the declared input shapes and dtypes against the model's forward") from e
+    names = leaf_names(loaded.example_args, loaded.example_kwargs, forward_arg_names(loaded.module))
 
     if loaded.exported_program is not None:
         ep = loaded.exported_program
@@ -252,7 +360,9 @@ def trace_model(loaded: LoadedModel, *, copy_weights: bool = True) -> TraceResul
                              hint="re-export the model with the torch version installed here") from e
         if copy_weights:
             gm = _own_copy(gm, notes)
-        result = TraceResult(gm, EXPORT, notes, ep)
+        dyn = dims_of_program(ep, loaded.example_args, loaded.example_kwargs, names)
+        _mark(gm, dyn, (tuple(loaded.example_args), dict(loaded.example_kwargs)))
+        result = TraceResult(gm, EXPORT, notes, ep, dyn if dyn.symbolic else None)
         annotate_module_paths(result.graph_module)
         return result
 
@@ -262,14 +372,33 @@ def trace_model(loaded: LoadedModel, *, copy_weights: bool = True) -> TraceResul
         try:
             gm = _symbolic(module, loaded, ref)
             annotate_module_paths(gm, missing_means_top=True)
-            return TraceResult(gm, SYMBOLIC, notes)
+            dyn = candidate_dims(loaded.example_args, loaded.example_kwargs, names) if dynamic else None
+            ex_args, ex_kwargs, _ = export_example(loaded.example_args, loaded.example_kwargs)
+            _mark(gm, dyn, (ex_args, ex_kwargs) if dyn is not None else
+                  (tuple(loaded.example_args), dict(loaded.example_kwargs)))
+            return TraceResult(gm, SYMBOLIC, notes, None, dyn if dyn is not None and dyn.symbolic else None)
         except Exception as e:  # noqa: BLE001 - any failure means: try torch.export instead
             notes.append(f"symbolic_trace failed ({_one_line(e)}); used torch.export instead")
     else:
         notes.append("Hugging Face model: traced with torch.export")
 
+    warned: list[str] = []
+    if dynamic:
+        ex_args, ex_kwargs, _ = export_example(loaded.example_args, loaded.example_kwargs)
+        try:
+            shapes = auto_dynamic_shapes(module, ex_args, ex_kwargs)
+            ep = _export_original(module, ex_args, ex_kwargs, shapes)
+            gm, ep = _finish_export(ep, loaded, ref, notes)
+            dyn = dims_of_program(ep, ex_args, ex_kwargs, names)
+            annotate_module_paths(gm)
+            _mark(gm, dyn, (ex_args, ex_kwargs))
+            return TraceResult(gm, EXPORT, notes, ep, dyn if dyn.symbolic else None, warned)
+        except Exception as e:  # noqa: BLE001 - a static trace may still work
+            warned.append(f"shapes are static: tracing `{loaded.source}` with dynamic shapes failed "
+                          f"({_one_line(e)}); the outputs run at the example shape only")
+
     try:
-        ep = torch.export.export(module, tuple(loaded.example_args), dict(loaded.example_kwargs), strict=False)
+        ep = _export_original(module, loaded.example_args, loaded.example_kwargs)
     except Exception as e:  # noqa: BLE001
         why = "; symbolic_trace also failed" if any(n.startswith("symbolic_trace failed") for n in notes) else ""
         raise NormcError(
@@ -285,4 +414,5 @@ def trace_model(loaded: LoadedModel, *, copy_weights: bool = True) -> TraceResul
         raise NormcError(f"the torch.export graph of `{loaded.source}` does not run: {_one_line(e)}",
                          hint="report this model to the normc authors with the torch version") from e
     annotate_module_paths(gm)
-    return TraceResult(gm, EXPORT, notes, ep)
+    _mark(gm, None, (tuple(loaded.example_args), dict(loaded.example_kwargs)), warned)
+    return TraceResult(gm, EXPORT, notes, ep, None, warned)

@@ -21,10 +21,35 @@ def onnx_opset(gm, opts, options) -> int:
     return 23 if op_counts(gm).get("rms_norm") else 18
 
 
+class _Program:
+    """The rewritten graph's ExportedProgram, exported on first use and shared by every output."""
+
+    def __init__(self, run, result):
+        self.run, self.result, self.ep = run, result, None
+
+    def __call__(self):
+        if self.ep is None:
+            from ..backends.torch_backend import export_graph
+            self.run.say("exporting the rewritten graph")
+            loaded = self.run.loaded
+            self.ep, warnings = export_graph(self.result.graph_module, loaded.example_args, loaded.example_kwargs)
+            self.result.report.setdefault("warnings", []).extend(warnings)
+        return self.ep
+
+
+def check_inputs(run) -> list:
+    """The inputs an ONNX output is checked on: two at the example shape and every one at another shape."""
+    from ..frontend.shapes import input_shapes
+    example = input_shapes(run.loaded.example_args, run.loaded.example_kwargs)
+    others = [x for x in run.verify_set if input_shapes(*x) != example]
+    return run.verify_set[:2] + others
+
+
 def write_outputs(run, result) -> None:
     """Write every output the run asks for (`-o` and the pipeline's `export` steps); only called once verified."""
     from ..backends import onnx_backend, torch_backend
     gm, loaded = result.graph_module, run.loaded
+    program = _Program(run, result)
     targets = []
     if run.options.output is not None:
         targets.append((format_of(run.options.output), Path(run.options.output), {}))
@@ -32,17 +57,20 @@ def write_outputs(run, result) -> None:
         if ex.path is not None:
             targets.append((ex.format, Path(ex.path), ex.options))
     for fmt, path, opts in targets:
+        if fmt in ("torch", "onnx"):
+            program()  # its own progress stage, before the writing one
         run.say(f"writing {path}")
         if fmt == "torch":
-            torch_backend.save_pt2(gm, loaded.example_args, loaded.example_kwargs, path)
+            torch_backend.save_pt2(gm, loaded.example_args, loaded.example_kwargs, path, program=program())
         elif fmt == "safetensors":
             torch_backend.save_state_dict(gm, path)
         elif fmt == "onnx" and opts.get("quantize") is not None:
-            write_int8(run, gm, path, opts, result)
+            write_int8(run, gm, path, opts, result, program())
         elif fmt == "onnx":
             opset = onnx_opset(gm, opts, run.options)
-            onnx_backend.export_onnx(gm, loaded.example_args, loaded.example_kwargs, path, opset=opset)
-            check = onnx_backend.check_onnx(path, gm, run.verify_set[:2], None)
+            onnx_backend.export_onnx(gm, loaded.example_args, loaded.example_kwargs, path, opset=opset,
+                                     program=program())
+            check = onnx_backend.check_onnx(path, gm, check_inputs(run), None)
             result.report.setdefault("onnx_check", []).append({"path": str(path), **check.to_dict()})
             if not check.passed:
                 path.unlink(missing_ok=True)
@@ -53,12 +81,12 @@ def write_outputs(run, result) -> None:
             tensorrt_backend.require()  # say what is missing before writing anything
             onnx_path = path.with_suffix(".onnx")
             onnx_backend.export_onnx(gm, loaded.example_args, loaded.example_kwargs, onnx_path,
-                                     opset=onnx_opset(gm, opts, run.options))
+                                     opset=onnx_opset(gm, opts, run.options), program=program())
             tensorrt_backend.build_engine(onnx_path, path, fp16=bool(opts.get("fp16", False)))
         result.outputs.append(str(path))
         result.report["outputs"].append({"format": fmt, "path": str(path)})
 
-def write_int8(run, gm, path: Path, opts: dict, result) -> None:
+def write_int8(run, gm, path: Path, opts: dict, result, program=None) -> None:
     """ONNX, then static INT8 (QDQ, per-channel weights) calibrated on the pipeline's calibration
     inputs; its error against torch is measured and reported (quantization is not exact)."""
     import tempfile
@@ -71,7 +99,7 @@ def write_int8(run, gm, path: Path, opts: dict, result) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         onnx_backend.export_onnx(gm, run.loaded.example_args, run.loaded.example_kwargs, fp32,
-                                 opset=onnx_opset(gm, opts, run.options))
+                                 opset=onnx_opset(gm, opts, run.options), program=program)
         done = quantize_int8(fp32, path, calib)
     check = onnx_backend.check_onnx(path, gm, run.verify_set, Tolerance(max_rel=1.0))
     result.report.setdefault("int8", []).append({

@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from ..errors import NormcError
 from ..frontend import LoadedModel, trace_model
+from ..frontend.shapes import inputs_at_other_shapes
 from ..frontend.specs import InputSpec
 from ..grammar import syntax_tree as T
 from ..grammar.checker import check_export_paths
@@ -50,6 +51,8 @@ class RunOptions:
     strict: bool = False                # with rollback: a rollback still fails the run
     keep_before: bool = False           # keep the canonical graph before the pipeline (for --diff)
     allow_outside_writes: bool = False  # `export ... to` paths outside the current and -o folders
+    static: bool = False                # --static: trace and export at the example shape only
+    require_applied: bool = False       # --require-applied: a run that rewrote no site fails
 
 
 @dataclass
@@ -107,12 +110,12 @@ def input_specs_from_decls(decls: list[T.InputDecl]) -> list[InputSpec]:
     return specs
 
 
-def prepare_graph(loaded: LoadedModel) -> tuple[fx.GraphModule, dict]:
+def prepare_graph(loaded: LoadedModel, dynamic: bool = True) -> tuple[fx.GraphModule, dict]:
     """Trace and canonicalize a private copy of the model (the user's module is never mutated): its own
     module objects, the user's weight tensors (rewrites create new tensors, never write into one)."""
     if loaded.exported_program is None:
         loaded = dataclasses.replace(loaded, module=share_weights_copy(loaded.module))
-    traced = trace_model(loaded, copy_weights=False)
+    traced = trace_model(loaded, copy_weights=False, dynamic=dynamic)
     gm = traced.graph_module
     canonicalize(gm, recognize=False)
     annotate_shapes(gm, loaded.example_args, loaded.example_kwargs)  # recognizers read shapes
@@ -157,12 +160,13 @@ class _Runner:
     def run(self) -> CompileResult:
         t0 = time.perf_counter()
         self.say("tracing")
-        gm, trace_info = prepare_graph(self.loaded)
+        gm, trace_info = prepare_graph(self.loaded, dynamic=not self.options.static)
+        self.warnings += gm.meta.get("normc_trace_warnings", [])
         before = op_counts(gm)
         before_gm = share_weights_copy(gm) if self.options.keep_before else None
         # the original's outputs on the verification inputs are computed once for every step
         reference = CachedReference(self.loaded.module)
-        self.verify_set = self.inputs(self.options.verify_inputs)
+        self.verify_set = self.inputs(self.options.verify_inputs) + self.other_shapes(gm, reference, trace_info)
         pipeline = self.program.main.pipeline
         steps = list(pipeline.steps) if pipeline else []
         verifies = [s for s in steps if isinstance(s, T.Verify)]
@@ -292,6 +296,12 @@ class _Runner:
                                   "add `verify approx max_rel X` after it")
         last_verify = final or next((s.verify for s in reversed(self.steps) if s.verify is not None), None)
         rules = [r for s in self.steps for r in s.rules]
+        nothing = None
+        if any(isinstance(s, T.Apply) for s in steps) and not any(r.applied for r in rules) and not self.options.dry_run:
+            nothing = nothing_rewritten(rules)
+            if self.options.require_applied and passed:
+                passed = False
+                failure = f"{nothing['message']} (--require-applied)"
         report = {
             "normc_version": _version(),
             "rules_file": self.program.main.file,
@@ -305,6 +315,8 @@ class _Runner:
             "outputs": [],
             "seconds": 0.0,
         }
+        if nothing is not None:
+            report["nothing_rewritten"] = nothing
         report["rolled_back"] = [c for s in self.steps for c in getattr(s, "rolled_back", [])]
         report["culprits"] = [c for s in self.steps for c in getattr(s, "culprits", [])]
         result = CompileResult(gm, self.loaded.module, self.loaded, report, passed, before=before_gm)
@@ -312,6 +324,26 @@ class _Runner:
             write_outputs(self, result)
         report["seconds"] = round(time.perf_counter() - t0, 3)
         return result
+
+    def other_shapes(self, gm, reference, trace_info: dict):
+        """Verification inputs at two shapes other than the example's, when the graph is dynamic; the
+        original runs there first (cached for verification): a shape it refuses is not used. A
+        symbolic_trace graph keeps symbolic only the dims verified this way."""
+        dyn = gm.meta.get("normc_dynamic")
+        trace_info["dynamic"] = dyn.describe() if dyn is not None else {}
+        if dyn is None:
+            return []
+        notes = trace_info["notes"]
+        found, varied = inputs_at_other_shapes(dyn, tuple(self.loaded.example_args), dict(self.loaded.example_kwargs),
+                                               specs=self.loaded.input_specs, seed=self.options.seed,
+                                               check=reference.outputs, notes=notes)
+        if not dyn.confirmed:
+            dyn = dyn.restrict(varied)
+            gm.meta["normc_dynamic"] = dyn if dyn.symbolic else None
+            trace_info["dynamic"] = dyn.describe()
+        example = (tuple(self.loaded.example_args), dict(self.loaded.example_kwargs))
+        trace_info["verified_shapes"] = [_shapes(a, k, dyn.names) for a, k in [example] + found]
+        return found
 
     # -------------------------------------------------------------- steps
     def apply(self, gm, step: T.Apply, loaded: LoadedModel | None = None, stats="current",
@@ -355,7 +387,7 @@ class _Runner:
         """The graph as it was before the last apply step: traced again and every earlier step
         replayed (tracing and rules are deterministic, so node names and sites are the same)."""
         self.say("rebuilding the graph before the failing step")
-        gm, _ = prepare_graph(self.loaded)
+        gm, _ = prepare_graph(self.loaded, dynamic=not self.options.static)
         for step, stats, exclude in self.applied[:-1]:
             self.apply(gm, step, stats=stats, exclude=exclude)
         return gm
@@ -479,7 +511,7 @@ class _Runner:
             example_kwargs=cast_inputs([((), dict(self.loaded.example_kwargs))], dtype)[0][1],
             input_specs=[dataclasses.replace(s, dtype=dtype) if s.dtype.is_floating_point else s
                          for s in self.loaded.input_specs])
-        gm, _ = prepare_graph(loaded)
+        gm, _ = prepare_graph(loaded, dynamic=not self.options.static)
         applied_here = applied_there = 0
         for step, stats, exclude in self.applied:  # a fresh trace has the same node names: statistics still apply
             replayed = self.apply(gm, step, loaded=loaded, stats=stats, exclude=exclude)
@@ -549,6 +581,35 @@ def share_weights_copy(module: torch.nn.Module) -> torch.nn.Module:
     new tensors and never write into existing ones, so a snapshot needs no copy of the weights."""
     memo = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
     return copy.deepcopy(module, memo)
+
+
+def _shapes(args, kwargs, names) -> dict:
+    from ..frontend.shapes import tensor_leaves
+    leaves, _ = tensor_leaves(args, kwargs)
+    names = list(names) + [f"input_{i}" for i in range(len(names), len(leaves))]
+    return {n: list(t.shape) for n, t in zip(names, leaves) if isinstance(t, torch.Tensor)}
+
+
+def nothing_rewritten(rules) -> dict:
+    """The report of a run whose rules rewrote no site: the main reasons, most frequent first."""
+    from collections import Counter
+    reasons: Counter = Counter()
+    for r in rules:
+        for s in r.skipped:
+            reasons[f"{r.name}: {s.reason}"] += 1
+    if not reasons:
+        for r in rules:
+            for note in r.notes:
+                reasons[f"{r.name}: {note}"] += 1
+    if not reasons:
+        for r in rules:
+            for s in r.near_misses:
+                reasons[f"{r.name}: near miss: {s.reason}"] += 1
+    if not reasons:
+        reasons.update({f"{r.name}: its pattern matches nowhere in the model": 1 for r in rules})
+    top = [{"reason": k, "sites": n} for k, n in reasons.most_common(3)]
+    return {"message": "no site was rewritten", "reasons": top,
+            "skipped": sum(len(r.skipped) for r in rules), "near_misses": sum(len(r.near_misses) for r in rules)}
 
 
 def _verify_summary(v: VerifyResult | None, passed: bool, failure: str | None) -> dict:

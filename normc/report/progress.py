@@ -14,9 +14,9 @@ Modes
   * terminal (stderr is a TTY, or ``console`` is a terminal): a rich spinner for the
     current step, a bar for ``track`` loops; each finished step stays as one
     "✓ step  1.2s" line.
-  * forced on a non-terminal (``enabled=True`` with stderr redirected, e.g. a CI log):
-    plain lines, ``normc: tracing``; a loop prints one line when it starts and one
-    when it ends, never a line per item.
+  * forced on a non-terminal (``enabled=True`` with stderr redirected, e.g. a CI log; the CLI
+    does this unless ``--quiet``): one plain line per finished step with its duration,
+    ``normc: tracing  3.2s``; a loop prints one line when it ends, never a line per item.
   * disabled (``enabled=False``, or None with stderr not a TTY): completely silent.
 """
 from __future__ import annotations
@@ -64,23 +64,33 @@ def _total(iterable, total):
 
 
 class _Plain(ProgressReporter):
-    """Line-oriented output for logs that are not terminals."""
+    """Line-oriented output for logs that are not terminals: one line per finished stage with its
+    duration (``normc: tracing  3.2s``), one per finished loop, never one per item."""
 
     enabled = True
 
     def __init__(self, write: Callable[[str], None]):
         self._write = write
+        self._step: tuple[str, float] | None = None
+
+    def _finish_step(self) -> None:
+        if self._step is not None:
+            message, t0 = self._step
+            self._write(f"normc: {message}  {time.perf_counter() - t0:.1f}s")
+            self._step = None
 
     def __call__(self, message: str) -> None:
-        self._write(f"normc: {message}")
+        self._finish_step()
+        self._step = (message, time.perf_counter())
 
     def track(self, iterable, description="working", total=None):
-        total = _total(iterable, total)
-        self._write(f"normc: {description}" + (f" ({total} items)" if total is not None else ""))
         t0, n = time.perf_counter(), 0
         for n, item in enumerate(iterable, 1):
             yield item
-        self._write(f"normc: {description}: done, {n} item(s) in {time.perf_counter() - t0:.1f}s")
+        self._write(f"normc: {description}: {n} item(s)  {time.perf_counter() - t0:.1f}s")
+
+    def close(self) -> None:
+        self._finish_step()
 
 
 class _Live(ProgressReporter):
