@@ -28,7 +28,8 @@ def apply(rules: str | Path | Program, model: str | LoadedModel, output: str | P
     """
     program = rules if isinstance(rules, Program) else load_rules(rules)
     loaded = model if isinstance(model, LoadedModel) else load(program, model)
-    return compile_model(program, loaded, RunOptions(output=Path(output) if output else None, **options))
+    out = output if isinstance(output, str) and output.endswith("/") else (Path(output) if output else None)
+    return compile_model(program, loaded, RunOptions(output=out, **options))
 
 
 def check(rules, model, **options) -> CompileResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -65,6 +66,13 @@ def main():
     """normc: rewrite trained PyTorch models declaratively, verify them numerically, export them."""
 
 
+def _output_path(output):
+    """-o as given: a trailing / (a checkpoint directory) must survive Path()."""
+    if not output:
+        return None
+    return output if output.endswith(("/", os.sep)) else Path(output)
+
+
 def _run(rules, model, output, opts, write, dry_run=False):
     from . import api
     from .pipeline import RunOptions, compile_model
@@ -73,7 +81,7 @@ def _run(rules, model, output, opts, write, dry_run=False):
     with progress_reporter() as say:
         say("loading model")
         loaded = api.load(program, model, weights=opts["weights"], allow_pickle=opts["allow_pickle"])
-        options = RunOptions(output=Path(output) if output else None, verify_inputs=opts["samples"], seed=opts["seed"],
+        options = RunOptions(output=_output_path(output), verify_inputs=opts["samples"], seed=opts["seed"],
                              write=write, dry_run=dry_run, progress=say, rollback=opts.get("rollback", False),
                              strict=opts.get("strict", False), keep_before=bool(opts.get("diff_path")),
                              opset=opts.get("opset"))
@@ -128,7 +136,8 @@ def _summary(result, verb: str):
 @main.command()
 @click.argument("rules", type=click.Path(dir_okay=False))
 @click.argument("model")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="output file: .pt2, .onnx, .safetensors or .engine")
+@click.option("-o", "--output", type=click.Path(), help="output file: .pt2, .onnx, .safetensors or .engine, or DIR/ "
+              "(a checkpoint in the original layout, loadable with from_pretrained)")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: 23 if the model has RMSNorm, else 18)")
 @_common
 def apply(rules, model, output, opset, **opts):
