@@ -26,6 +26,7 @@ from .writer import (
     atomic_dir_replace,
     checkpoint_files,
     copy_side_files,
+    usual_permissions,
 )
 
 
@@ -101,22 +102,13 @@ def write_hf_dir(module: torch.nn.Module, before, after, target, *, source_dir=N
         if not check.passed:
             raise VerificationFailed(f"the checkpoint written for `{target}` does not reproduce the verified graph: "
                                      f"{check.summary()}", "report this with the model; write a .pt2 meanwhile")
-        _usual_permissions(tmp)
+        usual_permissions(tmp)
         atomic_dir_replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return CheckpointWritten(str(target), ["config.json"] * (config is not None) + files + copied, len(keys),
                              len(plan.updates), plan.identities, plan.untied, check.to_dict())
-
-
-def _usual_permissions(folder: Path) -> None:
-    import os
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)  # mkdtemp makes 0700 folders
-    for f in folder.iterdir():
-        os.chmod(f, 0o666 & ~umask)
 
 
 def write_config(config, source_dir, folder: Path, untie: bool) -> None:

@@ -133,3 +133,12 @@ def atomic_dir_replace(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def usual_permissions(folder: Path) -> None:
+    """mkdtemp makes 0700 folders and some writers 0600 files: outputs get the umask's permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.iterdir():
+        os.chmod(f, 0o666 & ~umask)

@@ -18,14 +18,20 @@ import resource
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..checkpoint.hf_dir import refuse_if_no_place
+from ..checkpoint.hf_dir import refuse_if_no_place, write_config
 from ..checkpoint.layout import plan_layout
-from ..checkpoint.writer import ShardWriter, atomic_dir_replace, copy_side_files
+from ..checkpoint.writer import (
+    ShardWriter,
+    atomic_dir_replace,
+    copy_side_files,
+    usual_permissions,
+)
 from ..errors import NormcError, VerificationFailed
 from ..frontend.specs import InputSpec, LoadedModel, specs_from_examples
 from ..grammar import syntax_tree as T
@@ -122,7 +128,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def stream_apply(program, folder, output, *, reason: str = "--stream", verify_inputs: int = 2, seed: int = 0,
-                 input_specs: list[InputSpec] | None = None, seq_len: int = 16, max_shard_bytes: int | None = None,
+                 input_specs: list[InputSpec] | None = None, seq_len: int = 64, max_shard_bytes: int | None = None,
                  say=None) -> StreamReport:
     say = say or (lambda m: None)
     t0 = time.perf_counter()
@@ -201,7 +207,8 @@ def stream_apply(program, folder, output, *, reason: str = "--stream", verify_in
         plan = plan_layout(result.before, result.graph_module, skel)
         refuse_if_no_place(plan, model)
         state = skel.state_dict(keep_vars=True)
-        for k in skel_keys:
+        untied = [k[2:] for k in plan.untied]  # tied to another key and now different: both are written
+        for k in skel_keys + [k for k in untied if k not in skel_keys]:
             name = "m." + k
             writer.add(k, plan.updates.get(name, state[name]).detach())
         with torch.no_grad():
@@ -219,10 +226,9 @@ def stream_apply(program, folder, output, *, reason: str = "--stream", verify_in
             raise VerificationFailed(f"streamed end-to-end logits differ by {e2e:.3g} (relative)",
                                      "see the per-block errors in the report")
         report.files = writer.finish()
-        (tmp / "config.json").write_bytes((folder / "config.json").read_bytes())
+        write_config(config, folder, tmp, untie=bool(untied))
         report.files = ["config.json", *report.files, *copy_side_files(folder, tmp)]
-        from ..checkpoint.hf_dir import _usual_permissions
-        _usual_permissions(tmp)
+        usual_permissions(tmp)
         atomic_dir_replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -256,7 +262,9 @@ def _run_unit(program, module, verify_in, calib_in, source, seed):
     args, kwargs = verify_in[0]
     loaded = LoadedModel(module, tuple(args), dict(kwargs), specs_from_examples(args, kwargs), source, True)
     options = RunOptions(write=False, keep_before=True, verify_inputs=len(verify_in) - 1, seed=seed)
-    return _UnitRunner(program, loaded, options, calib_in, verify_in).run()
+    with warnings.catch_warnings():  # copying the unit's input spec trips a torch pytree deprecation notice
+        warnings.simplefilter("ignore", FutureWarning)
+        return _UnitRunner(program, loaded, options, calib_in, verify_in).run()
 
 
 def _unit_entry(name: str, nbytes: int, result) -> dict:
