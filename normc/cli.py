@@ -188,6 +188,8 @@ def _streamed(rules, model, output, forced: bool, opts) -> bool:
                   f"end to end: max_rel {d['end_to_end']['max_rel_err']:.3g} ({d['end_to_end']['inputs']} inputs)")
     console.print(f"largest block {d['largest_block_bytes'] / 1e6:.0f} MB, peak RSS {d['peak_rss_bytes'] / 1e9:.2f} GB, "
                   f"{d['seconds']:.0f} s")
+    for w in d["warnings"]:
+        console.print(f"[yellow]warning: {w}[/yellow]")
     console.print(f"wrote {output}")
     return True
 
