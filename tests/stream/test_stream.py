@@ -132,3 +132,32 @@ def test_should_stream(tmp_path, forced):
     src = _llama_dir(tmp_path / "src", layers=2)
     go, why = should_stream(src, forced)
     assert go is forced and (why == "--stream") is forced
+
+
+def test_stream_opt_smooth_unties_the_head(tmp_path):
+    """Pre-LN OPT (LayerNorm with bias, head tied to the embeddings): std.smooth streamed; the head's
+    new weight no longer equals the embedding, so the output writes both and unties them in config.json."""
+    import json
+
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                    max_position_embeddings=64, word_embed_proj_dim=32, do_layer_norm_before=True)
+    m = OPTForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "layer_norm" in n:
+                p.uniform_(0.5, 1.5) if n.endswith("weight") else p.uniform_(-0.5, 0.5)
+    m.save_pretrained(tmp_path / "src")
+    rules = "pipeline {\n  calibrate from \"random\" samples 3\n  apply std.smooth\n}\n"
+    specs = [InputSpec("input_ids", (1, 8), torch.int64, 0, 96)]
+    rep = stream_apply(api.load_rules(text=rules), tmp_path / "src", tmp_path / "out", input_specs=specs,
+                       verify_inputs=1)
+    assert [e["sites"] for e in rep.per_unit] == [2, 2, 1]  # two LNs per block, the final LN -> head
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    out, info = OPTForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    x = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        ref, got = m(x).logits, out.eval()(x).logits
+    assert float((ref - got).abs().max() / ref.abs().max()) < 1e-5
