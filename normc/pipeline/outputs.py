@@ -78,7 +78,8 @@ def plan_hf_dir(run, result) -> dict:
 
 def write_hf(run, result, path: Path, plans: dict) -> None:
     from ..checkpoint import write_hf_dir
-    src = getattr(run.loaded, "source_dir", None)
+    # the input directory (normc.frontend.hf sets hf_dir; API callers may set source_dir)
+    src = getattr(run.loaded, "hf_dir", None) or getattr(run.loaded, "source_dir", None)
     done = write_hf_dir(run.loaded.module, plans["before"], result.graph_module, path, source_dir=src,
                         verify_inputs=run.verify_set[:3], say=run.say,
                         max_shard_bytes=getattr(run.options, "max_shard_bytes", None) or DEFAULT_SHARD_BYTES)
