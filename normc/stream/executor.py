@@ -35,6 +35,7 @@ from ..checkpoint.writer import (
 from ..errors import NormcError, VerificationFailed
 from ..frontend.specs import InputSpec, LoadedModel, specs_from_examples
 from ..grammar import syntax_tree as T
+from ..ir.graph import get_param
 from ..pipeline.runner import RunOptions, _Runner
 from ..verify import Tolerance
 from ..verify.inputs import cast_inputs, sample_inputs
@@ -278,11 +279,29 @@ def _original_graph(module, verify_in, dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         before, _ = prepare_graph(_unit_loaded(module, verify_in))
+    _share_weights(before, module)
     if dtype not in (torch.float16, torch.bfloat16):
         return before, 0.0
     with torch.no_grad():
         noise = max(_rel_err(_first(module(*a)), _first(before(*a))) for a, _ in verify_in)
     return before, noise
+
+
+def _share_weights(gm, module) -> int:
+    """Point the traced graph's parameters back at the module's tensors (tracing copied them; the values
+    are the same): one copy of the block in memory instead of two. Returns how many were shared."""
+    state = module.state_dict(keep_vars=True)
+    shared = 0
+    for n in gm.graph.nodes:
+        t = state.get(n.target) if n.op == "get_attr" else None
+        if t is None:
+            continue
+        cur = get_param(gm, n)
+        if isinstance(cur, torch.Tensor) and cur.shape == t.shape and cur.dtype == t.dtype \
+                and cur.data_ptr() != t.data_ptr() and torch.equal(cur, t):
+            cur.data = t.data
+            shared += 1
+    return shared
 
 
 def _first(out):
