@@ -46,6 +46,14 @@ class LazyCheckpoint:
             self._open[path] = safe_open(str(path), "pt")
         return self._open[path]
 
+    def close(self) -> None:
+        """Unmap the shards: pages read so far stay in this process's RSS while a shard is open."""
+        for f in self._open.values():
+            exit_ = getattr(f, "__exit__", None)
+            if exit_ is not None:
+                exit_(None, None, None)
+        self._open.clear()
+
     def keys(self) -> list[str]:
         return list(self.where)
 
@@ -229,6 +237,7 @@ def load_unit(module: nn.Module, ckpt: LazyCheckpoint, prefix: str) -> list[str]
             raise NormcError(f"the checkpoint has no `{key}`", "the directory's weights do not match its config.json")
         state[n] = ckpt.get(key)
     module.load_state_dict(state, strict=True, assign=True)
+    ckpt.close()
     return [prefix + n for n in names]
 
 
