@@ -101,7 +101,8 @@ def apply(rules: str | Path | Program, model: ModelLike, output: str | Path | No
     program = rules if isinstance(rules, Program) else load_rules(rules)
     load_opts = {k: options.pop(k) for k in _LOAD_OPTIONS if k in options}
     loaded = load(program, model, example_inputs=example_inputs, **load_opts)
-    return compile_model(program, loaded, RunOptions(output=Path(output) if output else None, **options))
+    out = output if isinstance(output, str) and output.endswith("/") else (Path(output) if output else None)
+    return compile_model(program, loaded, RunOptions(output=out, **options))
 
 
 def check(rules: str | Path | Program, model: ModelLike, *, example_inputs: Any = None, **options) -> CompileResult:

@@ -3,6 +3,7 @@ was rewritten), 2 usage/input error, 3 backend missing, 4 internal error (rerun 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -99,6 +100,13 @@ def main():
     """normc: rewrite trained PyTorch models declaratively, verify them numerically, export them."""
 
 
+def _output_path(output):
+    """-o as given: a trailing / (a checkpoint directory) must survive Path()."""
+    if not output:
+        return None
+    return output if output.endswith(("/", os.sep)) else Path(output)
+
+
 def _run(rules, model, output, opts, write, dry_run=False):
     from . import api
     from .pipeline import RunOptions, compile_model
@@ -109,7 +117,7 @@ def _run(rules, model, output, opts, write, dry_run=False):
         say("loading model")
         loaded = api.load(program, model, weights=opts["weights"], allow_pickle=opts["allow_pickle"],
                           **_hf_load_options(opts))
-        options = RunOptions(output=Path(output) if output else None, verify_inputs=opts["samples"], seed=opts["seed"],
+        options = RunOptions(output=_output_path(output), verify_inputs=opts["samples"], seed=opts["seed"],
                              write=write, dry_run=dry_run, progress=say, rollback=opts.get("rollback", False),
                              strict=opts.get("strict", False), keep_before=bool(opts.get("diff_path")),
                              opset=opts.get("opset"), allow_outside_writes=opts.get("allow_outside_writes", False),
@@ -170,19 +178,62 @@ def _summary(result, verb: str):
 @main.command()
 @click.argument("rules", type=click.Path(dir_okay=False))
 @click.argument("model")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="output file: .pt2, .onnx, .safetensors or .engine")
+@click.option("-o", "--output", type=click.Path(), help="output file: .pt2, .onnx, .safetensors or .engine, or DIR/ "
+              "(a checkpoint in the original layout, loadable with from_pretrained)")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: 23 if the model has RMSNorm, else 18)")
 @_common
-def apply(rules, model, output, opset, **opts):
+@click.option("--stream", is_flag=True, help="rewrite a checkpoint directory block by block (automatic when it "
+              "is too big for memory); needs -o DIR/")
+def apply(rules, model, output, opset, stream, **opts):
     """Apply RULES (a .nc file) to MODEL, verify, and write the result.
 
     MODEL is zoo:NAME, path/to/file.py:function, package.module:function, a .pt2 archive,
     a Hugging Face directory (config.json + safetensors), or a pickled .pt module (with --allow-pickle).
     """
     opts["opset"] = opset
+    if _streamed(rules, model, output, stream, opts):
+        return
     result = _run(rules, model, output, opts, write=True)
     _summary(result, "apply")
     sys.exit(0 if result.passed else EXIT_VERIFY_FAILED)
+
+
+def _streamed(rules, model, output, forced: bool, opts) -> bool:
+    """`apply` on a checkpoint directory too big for memory (or --stream): the streaming executor.
+    Returns False when the model is not to be streamed."""
+    from .stream import should_stream
+    folder = Path(model)
+    if not (folder.is_dir() and (folder / "config.json").is_file()):
+        if forced:
+            raise NormcError(f"--stream needs a checkpoint directory (config.json + safetensors), not `{model}`")
+        return False
+    go, why = should_stream(folder, forced)
+    if not go:
+        return False
+    if not output or not (str(output).endswith(("/", os.sep)) or Path(output).is_dir()):
+        raise NormcError(f"streaming `{model}` ({why}) writes a checkpoint directory",
+                         "give -o OUTDIR/ (a path ending in /)")
+    from . import api
+    from .report.progress import progress_reporter
+    from .stream import stream_apply
+    program = api.load_rules(rules)
+    with progress_reporter() as say:
+        rep = stream_apply(program, folder, Path(output), reason=why, verify_inputs=opts["samples"],
+                           seed=opts["seed"], say=say)
+    d = rep.to_dict()
+    if opts.get("report_path"):
+        from .atomic import write_text
+        write_text(opts["report_path"], json.dumps({"stream": d}, indent=2, default=str))
+    console = _console()
+    console.print(f"streamed {d['blocks']} blocks of {d['block_path']} ({d['dtype']}): {why}")
+    console.print(f"worst block: {d['worst_block']['unit']} max_rel {d['worst_block']['max_rel_err']:.3g}; "
+                  f"end to end: max_rel {d['end_to_end']['max_rel_err']:.3g} ({d['end_to_end']['inputs']} inputs)")
+    console.print(f"largest block {d['largest_block_bytes'] / 1e6:.0f} MB, peak RSS {d['peak_rss_bytes'] / 1e9:.2f} GB, "
+                  f"{d['seconds']:.0f} s")
+    for w in d["warnings"]:
+        console.print(f"[yellow]warning: {w}[/yellow]")
+    console.print(f"wrote {output}")
+    return True
 
 
 @main.command()
@@ -313,11 +364,25 @@ def passes(ops):
 
 
 @main.command()
-def zoo():
-    """List the built-in models (no downloads; random weights unless stated)."""
+@click.option("--write", "write_args", nargs=2, metavar="NAME DIR",
+              help="write a random-weight checkpoint directory of a big shape (llama-7b, opt-1.3b, llama-mini)")
+def zoo(write_args):
+    """List the built-in models (no downloads; random weights unless stated), or write a big one to disk."""
     from .frontend import ZOO
+    from .frontend.zoo import BIG_SHAPES, write_big_checkpoint
+    if write_args:
+        name, folder = write_args
+        try:
+            files = write_big_checkpoint(name, folder, say=lambda m: click.echo(m, err=True))
+        except NormcError as e:
+            click.echo(e.render(), err=True)
+            sys.exit(e.exit_code)
+        click.echo(f"wrote {folder}: {len(files)} files")
+        return
     for name, entry in ZOO.items():
         click.echo(f"zoo:{name:<12} {entry.description}")
+    for name, (_, _, _, desc) in BIG_SHAPES.items():
+        click.echo(f"{name:<16} {desc} (normc zoo --write {name} DIR)")
 
 
 if __name__ == "__main__":

@@ -474,3 +474,79 @@ def load_zoo(name: str) -> LoadedModel:
     loaded = entry.build()
     loaded.source = f"zoo:{name}"
     return loaded
+
+
+# --------------------------------------------------------------------------- big shapes, written to disk
+
+# name -> (architecture, config kwargs, dtype, description). Random weights at real sizes, to test
+# streaming: `normc zoo --write llama-7b DIR`.
+BIG_SHAPES: dict[str, tuple[str, dict, torch.dtype, str]] = {
+    "llama-7b": ("LlamaForCausalLM", {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+                 "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                 "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+                 torch.bfloat16, "LLaMA-7B shape: 32 layers, d=4096, ffn 11008, 32 heads, vocab 32000, bf16 (13.5 GB)"),
+    "opt-1.3b": ("OPTForCausalLM", {"vocab_size": 50272, "hidden_size": 2048, "ffn_dim": 8192, "num_hidden_layers": 24,
+                 "num_attention_heads": 32, "max_position_embeddings": 2048, "word_embed_proj_dim": 2048,
+                 "do_layer_norm_before": True, "enable_bias": True}, torch.float16,
+                 "OPT-1.3B shape: 24 pre-LN layers, d=2048, ffn 8192, vocab 50272, fp16, tied head (2.6 GB)"),
+    "llama-mini": ("LlamaForCausalLM", {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 344,
+                   "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "max_position_embeddings": 256, "tie_word_embeddings": False}, torch.bfloat16,
+                   "LLaMA layout, 4 layers, d=128, bf16 (1 MB): the streaming path in tests"),
+}
+
+
+def write_big_checkpoint(name: str, folder, *, seed: int = ZOO_SEED, max_shard_bytes: int = 1 << 30,
+                         say=None) -> list[str]:
+    """Write a random-weight checkpoint directory of shape `name`, one tensor at a time (never the whole
+    model in memory): config.json + sharded safetensors with the index. Norm gains are drawn in
+    [0.5, 1.5] (not all one), biases and weights N(0, 0.02)."""
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import transformers
+
+    from normc.checkpoint.writer import ShardWriter, atomic_dir_replace, usual_permissions
+    if name not in BIG_SHAPES:
+        close = difflib.get_close_matches(name, BIG_SHAPES, n=1)
+        raise NormcError(f"no checkpoint shape named `{name}`",
+                         hint=(f"did you mean `{close[0]}`? " if close else "") + "shapes: " + ", ".join(BIG_SHAPES))
+    arch, kwargs, dtype, _ = BIG_SHAPES[name]
+    cls = getattr(transformers, arch)
+    config = cls.config_class(**kwargs)
+    config.architectures = [arch]
+    with torch.device("meta"):
+        model = cls._from_config(config, dtype=dtype)
+    norms = {f"{n}.weight" for n, m in model.named_modules()
+             if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith(("RMSNorm", "LayerNorm"))}
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        seen = set()
+        for i, (key, t) in enumerate(model.state_dict(keep_vars=True).items()):
+            if id(t) in seen:
+                continue  # a tied tensor is written once, as save_pretrained does
+            seen.add(id(t))
+            g = torch.Generator().manual_seed(seed * 100003 + i)
+            if key in norms:
+                value = _uniform(t.shape, 0.5, 1.5, g)
+            else:
+                value = _normal(t.shape, 0.02, g)
+            writer.add(key, value.to(dtype))
+            del value
+            if say is not None and key.endswith(".0.self_attn.q_proj.weight"):
+                say(f"writing {key.split('.0.')[0]}.*")
+        writer.finish()
+        d = json.loads(config.to_json_string())
+        d["torch_dtype"] = d["dtype"] = str(dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+        usual_permissions(tmp)
+        atomic_dir_replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sorted(p.name for p in folder.iterdir())

@@ -5,8 +5,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
+from ..checkpoint.writer import DEFAULT_SHARD_BYTES
 from ..errors import NormcError, VerificationFailed
 from ..ir.graph import op_counts
 from ..verify import Tolerance
@@ -56,11 +58,16 @@ def write_outputs(run, result) -> None:
     for ex in run.exports:
         if ex.path is not None:
             targets.append((ex.format, Path(ex.path), ex.options))
+    hf_plans = {}
+    if any(fmt == "hf" for fmt, _, _ in targets):  # refused before anything at all is written
+        hf_plans = plan_hf_dir(run, result)
     for fmt, path, opts in targets:
         if fmt in ("torch", "onnx"):
             program()  # its own progress stage, before the writing one
         run.say(f"writing {path}")
-        if fmt == "torch":
+        if fmt == "hf":
+            write_hf(run, result, path, hf_plans)
+        elif fmt == "torch":
             torch_backend.save_pt2(gm, loaded.example_args, loaded.example_kwargs, path, program=program())
         elif fmt == "safetensors":
             torch_backend.save_state_dict(gm, path)
@@ -85,6 +92,27 @@ def write_outputs(run, result) -> None:
             tensorrt_backend.build_engine(onnx_path, path, fp16=bool(opts.get("fp16", False)))
         result.outputs.append(str(path))
         result.report["outputs"].append({"format": fmt, "path": str(path)})
+
+def plan_hf_dir(run, result) -> dict:
+    """The original canonical graph and the layout plan of `-o OUTDIR/`; raises LayoutRefused."""
+    from ..checkpoint import plan_layout
+    from ..checkpoint.hf_dir import refuse_if_no_place
+    from .runner import prepare_graph
+    before = result.before if result.before is not None else prepare_graph(run.loaded)[0]
+    plan = plan_layout(before, result.graph_module, run.loaded.module)
+    refuse_if_no_place(plan, run.loaded.module)
+    return {"before": before}
+
+
+def write_hf(run, result, path: Path, plans: dict) -> None:
+    from ..checkpoint import write_hf_dir
+    # the input directory (normc.frontend.hf sets hf_dir; API callers may set source_dir)
+    src = getattr(run.loaded, "hf_dir", None) or getattr(run.loaded, "source_dir", None)
+    done = write_hf_dir(run.loaded.module, plans["before"], result.graph_module, path, source_dir=src,
+                        verify_inputs=run.verify_set[:3], say=run.say,
+                        max_shard_bytes=getattr(run.options, "max_shard_bytes", None) or DEFAULT_SHARD_BYTES)
+    result.report.setdefault("checkpoint", []).append(done.to_dict())
+
 
 def write_int8(run, gm, path: Path, opts: dict, result, program=None) -> None:
     """ONNX, then static INT8 (QDQ, per-channel weights) calibrated on the pipeline's calibration
@@ -113,7 +141,11 @@ def _plain_dict(obj) -> dict:
     return {}
 
 
-def format_of(path: Path) -> str:
+def format_of(path) -> str:
+    """The output format of `-o PATH`; a path ending in / (or an existing directory) is a checkpoint directory."""
+    if str(path).endswith(("/", os.sep)) or Path(path).is_dir():
+        return "hf"
+    path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".pt2",):
         return "torch"
@@ -124,4 +156,5 @@ def format_of(path: Path) -> str:
     if suffix in (".engine", ".plan", ".trt"):
         return "tensorrt"
     raise NormcError(f"cannot tell the output format of `{path}`",
-                     "use a .pt2 (torch.export), .onnx, .safetensors or .engine (TensorRT) file name")
+                     "use a .pt2 (torch.export), .onnx, .safetensors or .engine (TensorRT) file name, "
+                     "or a directory ending in / (a checkpoint in the original layout)")
