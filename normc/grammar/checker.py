@@ -14,8 +14,8 @@ from .diagnostics import Diagnostic, NcError, did_you_mean
 from .loader import Program
 
 PARAM_TYPES = {"float", "int", "bool", "string", "str"}
-VERIFY_OPTIONS = {"max_abs", "rel", "max_rel", "samples", "dtype", "seed", "cosine"}
-APPROX_OPTIONS = {"max_abs", "max_rel", "rel", "cosine"}
+VERIFY_OPTIONS = {"max_abs", "rel", "max_rel", "samples", "dtype", "seed", "cosine", "data"}
+APPROX_OPTIONS = {"max_abs", "max_rel", "rel", "cosine", "min_cosine", "mean_cosine"}
 EXPORT_FORMATS = {"torch": {"opset"}, "onnx": {"opset", "check", "dynamic", "quantize"}, "tensorrt": {"opset", "fp16", "workspace_gb"},
                   "safetensors": set()}
 INPUT_DTYPES = {"f32", "f64", "f16", "bf16", "i64", "i32", "bool"}
@@ -320,6 +320,8 @@ class Checker:
                 for k in step.approx:
                     if k not in APPROX_OPTIONS:
                         self.error(step.loc, f"unknown approx gate `{k}`", did_you_mean(k, APPROX_OPTIONS))
+            elif isinstance(step, T.Quantize):
+                self.check_quantize(step)
             elif isinstance(step, T.Export):
                 if step.format not in EXPORT_FORMATS:
                     self.error(step.loc, f"unknown export format `{step.format}`",
@@ -329,6 +331,33 @@ class Checker:
                         if k not in EXPORT_FORMATS[step.format]:
                             self.error(step.loc, f"`export {step.format}` has no option `{k}`",
                                        did_you_mean(k, EXPORT_FORMATS[step.format]))
+
+
+    # ------------------------------------------------------------------ quantize step (owner: int8, issue 14)
+    def check_quantize(self, step: T.Quantize):
+        from ..quantize.settings import check_entries
+        for e in check_entries(step):
+            self.error(e.loc, e.message, e.hint)
+        for entry in step.entries:
+            if entry.kind != "match":
+                continue
+            pc = entry.pattern
+            if schema_for(pc.op) is not None and schema_for(pc.op)[0].name != "linear":
+                self.error(pc.loc, f"a quantize pattern selects linears: its root op is `{pc.op}`",
+                           "write `match linear(...)`, e.g. `match linear(gelu(x), w, b?)`")
+            scope: dict[str, str] = {}
+            op_uses: dict[str, int] = {}
+            self.each_vars = {}
+            self.check_pcall(pc, scope, op_uses, [])
+            for op, count in op_uses.items():
+                if count == 1 and op not in scope:
+                    scope[op] = NODE
+            if entry.where is not None:
+                t = self.expr(entry.where, scope, "where")
+                if t not in (BOOL, ANY):
+                    self.error(entry.where.loc, "the `where` clause is not a condition",
+                               "compare values (==, <, ...) or call a guard such as single_use(x)")
+    # ------------------------------------------------------------------ end of quantize step
 
 
 def _names_in(e) -> set[str]:
