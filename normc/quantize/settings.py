@@ -119,9 +119,10 @@ def apply_setting(scheme: Scheme, s: T.QuantSetting) -> Scheme:
     if s.subject in NUMBER_SUBJECTS:
         if len(s.words) != 1 or not isinstance(s.words[0], int) or s.words[0] < 1:
             raise SettingError(s.locs[0], f"`{s.subject}` takes one positive integer", f"e.g. `{s.subject} 1`")
-        return replace(scheme, **{s.subject: s.words[0]})
+        return replace(scheme, quantized=True, **{s.subject: s.words[0]})
     vocab = WORDS[s.subject]
-    changes: dict[str, object] = {}
+    # naming weights/activations quantizes a linear an earlier entry kept in fp32
+    changes: dict[str, object] = {} if s.subject == "keep" else {"quantized": True}
     words = list(zip(s.words, s.locs))
     i = 0
     while i < len(words):
