@@ -202,18 +202,18 @@ def quantize_int8(
     with tempfile.TemporaryDirectory(prefix="normc-quant-") as scratch:
         source = onnx_in
         preprocessed = False
+        if policy is not None and policy.prepare(source, Path(scratch) / "prepared.onnx"):
+            source = Path(scratch) / "prepared.onnx"
         if preprocess:
             pre = Path(scratch) / "preprocessed.onnx"
             try:
                 from onnxruntime.quantization.shape_inference import quant_pre_process
 
                 with _quiet_ort():
-                    quant_pre_process(str(onnx_in), str(pre), skip_symbolic_shape=False)
+                    quant_pre_process(str(source), str(pre), skip_symbolic_shape=False)
                 source, preprocessed = pre, True
             except Exception as exc:  # pre-processing is an optimisation, not a requirement
                 notes.append(f"quant_pre_process failed ({one_line(exc)}); quantized the model as exported")
-        if policy is not None and policy.prepare(source, Path(scratch) / "prepared.onnx"):
-            source = Path(scratch) / "prepared.onnx"
         if gemm:
             converted = _linears_to_gemm(source, Path(scratch) / "gemm.onnx")
             if converted:
