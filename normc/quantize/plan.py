@@ -18,7 +18,7 @@ import fnmatch
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from ..backends.cpu_features import CpuFeatures, cpu_features
 from ..grammar import syntax_tree as T

@@ -6,7 +6,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.fx as fx
+from torch import fx
 
 from ..backends.cpu_features import CpuFeatures
 from ..grammar import syntax_tree as T
@@ -23,11 +23,13 @@ class Quantized:
 
 
 def quantize_graph(gm: fx.GraphModule, step: T.Quantize, calib_inputs, *, cpu: CpuFeatures | None = None,
-                   source: str | None = None, stats=None) -> Quantized:
+                   source: str | None = None, stats=None, observed: dict[str, InputStats] | None = None) -> Quantized:
     """Plan `step` on `gm`, calibrate the planned linears on `calib_inputs`, build the simulation.
-    `stats`: normc calibration statistics for guards that read them (absmax(x) in a `where`)."""
+    `stats`: normc calibration statistics for guards that read them (absmax(x) in a `where`);
+    `observed`: input statistics measured before on the same graph (skips the calibration run)."""
     plan = make_plan(gm, step, stats=stats, cpu=cpu, source=source)
-    observed = observe(gm, plan, calib_inputs)
+    if observed is None or any(lp.name not in observed for lp in plan.linears):
+        observed = observe(gm, plan, calib_inputs)
     return Quantized(gm, plan, observed, simulate(gm, plan, observed))
 
 

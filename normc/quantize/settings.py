@@ -200,5 +200,14 @@ def _final(s: Scheme) -> Scheme:
     return s
 
 
-__all__ = ["DOC", "PRECISIONS", "Scheme", "SettingError", "WORDS", "apply_setting", "check_entries",
-           "default_scheme", "entry_scheme"]
+__all__ = [
+    "DOC",
+    "PRECISIONS",
+    "WORDS",
+    "Scheme",
+    "SettingError",
+    "apply_setting",
+    "check_entries",
+    "default_scheme",
+    "entry_scheme",
+]

@@ -29,9 +29,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import fx, nn
 
 from ..backends.cpu_features import CpuFeatures
 from ..errors import NormcError
