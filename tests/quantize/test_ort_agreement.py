@@ -23,7 +23,10 @@ SCHEMES = {
 }
 
 
-@pytest.mark.parametrize("name", list(SCHEMES))
+FAST = {"static uint8 asymmetric (default)", "first token own range", "per-token dynamic uint8", "weight-only (W8A16)"}
+
+
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in SCHEMES])
 def test_simulation_equals_onnxruntime(name, block, block_graph, tmp_path):
     q = quantize_graph(block_graph, step_of(SCHEMES[name]), CALIB)
     out = tmp_path / "int8.onnx"
