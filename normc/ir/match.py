@@ -268,6 +268,43 @@ def _stmt(p: Pattern, s: _State, st: _Stmt, node, depth):
         s.undo(mark)
 
 
+# Ops that only move data around: a refusal at one of them names the op the value reaches.
+_LAYOUT_OPS = frozenset({"permute", "transpose", "t", "reshape", "view", "_unsafe_view", "flatten", "unflatten",
+                         "squeeze", "unsqueeze", "contiguous", "clone", "expand"})
+
+
+def _beyond_layout(node: fx.Node, gm) -> str:
+    """', a layout change read by conv `a.b`' when node starts a chain of layout ops with one reader at its end."""
+    if op_name(node, gm) not in _LAYOUT_OPS:
+        return ""
+    chain, cur = [], node
+    while op_name(cur, gm) in _LAYOUT_OPS and len(cur.users) == 1 and len(chain) < 16:
+        chain.append(op_name(cur, gm))
+        cur = next(iter(cur.users))
+    if cur is node and len(cur.users) != 1 and op_name(cur, gm) in _LAYOUT_OPS:
+        readers = list(cur.users)
+    elif cur is node or cur.op == "output":
+        return ""
+    else:
+        readers = [cur]
+    named = [f"{op_name(r, gm) or 'the model output'} `{module_path(r) or r.name}`" for r in readers[:3]]
+    more = f" and {len(readers) - 3} more" if len(readers) > 3 else ""
+    return f" (a layout change; the value then reaches {', '.join(named)}{more})"
+
+
+def _normalized_through_permute(node: fx.Node, gm) -> str:
+    """'`p` normalizes dim 1 (channels-first, through a permute): ' for a last-dim norm of a permuted input."""
+    if op_name(node, gm) not in ("layer_norm", "rms_norm") or not node.args:
+        return ""
+    x = node.args[0]
+    if not isinstance(x, fx.Node) or op_name(x, gm) != "permute" or len(x.args) < 2:
+        return ""
+    dims = x.args[1] if isinstance(x.args[1], (list, tuple)) else x.args[1:]
+    if not dims or not isinstance(dims[-1], int) or dims[-1] in (-1, len(dims) - 1):
+        return ""
+    return f"`{module_path(node) or node.name}` normalizes dim {dims[-1]} of its input (through a permute): "
+
+
 def _op(p: Pattern, s: _State, op: _Op, node, depth):
     name = op.call.op
     if not isinstance(node, fx.Node):
@@ -280,7 +317,8 @@ def _op(p: Pattern, s: _State, op: _Op, node, depth):
             what = "input" if node.op == "placeholder" else "parameter"
             s.miss(f"`{node.target}` is a model {what}, not {name}", depth, node)
         else:
-            s.miss(f"`{module_path(node) or node.name}` is {op_name(node, s.gm)}, not {name}", depth, node)
+            s.miss(f"`{module_path(node) or node.name}` is {op_name(node, s.gm)}, not {name}"
+                   f"{_beyond_layout(node, s.gm)}", depth, node)
         return
     if op.rank is not None:
         w = node.args[1]
@@ -365,7 +403,8 @@ def _fan_out(p: Pattern, s: _State, each: T.EachStmt, body: _Op) -> list[dict] |
                 first_miss = first_miss or reason
                 continue
             # the root matched: this is a refusal of the site, not a mere near miss
-            s.miss(f"every user of `{each.source}` must match: {reason}", 1, user, MatchStatus.FANOUT, late=True)
+            s.miss(f"{_normalized_through_permute(src.node, s.gm)}every user of `{each.source}` must match: {reason}",
+                   1, user, MatchStatus.FANOUT, late=True)
             return None
         sub.env[each.body.target] = NodeRef(user)
         local = {k: v for k, v in sub.env.items() if k not in s.env or k == each.source}
