@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=50, help="timed runs per model and round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--explain", action="store_true", help="rank the naive row's linears by share of the error")
+    ap.add_argument("--rows", default=None, help="comma-separated row numbers to run, in that order (default: all)")
     opts = ap.parse_args(argv)
     t_start = time.perf_counter()
     cpu = cpu_features()
@@ -116,7 +117,8 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="normc-int8-bench-"))
     rows, onnx_files = [], {}
     observed = {}
-    for label, rules, body in ROWS:
+    order = [int(i) for i in opts.rows.split(",")] if opts.rows else range(len(ROWS))
+    for label, rules, body in (ROWS[i] for i in order):
         t0 = time.perf_counter()
         if rules not in graphs:
             if rules is None:
@@ -141,13 +143,16 @@ def main(argv=None) -> int:
             row["sim_ort"] = (abs(o_mean - sim_mean), float((o_c - sim_c).abs().max()))
             onnx_files[label] = out
         rows.append(row)
-        print(f"# {label}: {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"# {label}: {time.perf_counter() - t0:.0f} s; sim {sim_mean:.4f} / {sim_min:.4f}"
+              + (f", ORT {row['ort'][0]:.4f} / {row['ort'][1]:.4f}, |sim-ORT| {row['sim_ort'][0]:.5f} / "
+                 f"{row['sim_ort'][1]:.4f}" if "ort" in row else "")
+              + f", FFN-out local {' '.join(f'{e:.4f}' for e in ffn_out)}", flush=True)
 
     latency = {}
     if onnx_files:
         from normc.backends.onnx_backend import export_onnx
         fp32 = work / "fp32.onnx"
-        export_onnx(graphs[None], loaded.example_args, loaded.example_kwargs, fp32)
+        export_onnx(graphs.get(None) or prepare_graph(loaded)[0], loaded.example_args, loaded.example_kwargs, fp32)
         models = [("fp32", fp32)] + list(onnx_files.items())
         for r in range(opts.rounds):
             k = r % len(models)
@@ -185,7 +190,7 @@ def main(argv=None) -> int:
     print("| layer | min / max | widest positions (pos, absmax) | widest / next position |")
     print("|---|---|---|---|")
     stats = rows[0]["q"].stats
-    for l in range(6):
+    for l in range(6 if FFN_OUT.format(l=0) in stats else 0):
         p = range_profile(stats[FFN_OUT.format(l=l)])
         print(f"| {l} | {p['min']:.2f} / {p['max']:.2f} | {p['top_positions']} | {p['position_ratio']:.2f} |")
 

@@ -149,10 +149,9 @@ def apply_setting(scheme: Scheme, s: T.QuantSetting) -> Scheme:
 
 
 def _consistent(scheme: Scheme, s: T.QuantSetting) -> None:
-    if scheme.act_granularity == "per_token" and not scheme.act_dynamic:
-        if s.subject == "activations" and "static" in s.words:
-            raise SettingError(s.loc, "per_token ranges are computed at run time: they need `dynamic`",
-                               "write `activations per_token dynamic`")
+    if scheme.act_granularity == "per_token" and not scheme.act_dynamic and s.subject == "activations":
+        raise SettingError(s.loc, "per_token ranges are computed at run time: they need `dynamic`",
+                           "write `activations per_token dynamic`")
     if scheme.act == "fp32" and (scheme.act_dynamic or scheme.act_granularity == "per_token"):
         raise SettingError(s.loc, "fp32 activations are not quantized: `dynamic`/`per_token` do not apply",
                            "drop them, or choose uint8 / int8")

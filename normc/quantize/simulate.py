@@ -95,10 +95,10 @@ def observe(gm: fx.GraphModule, plan: QuantPlan, inputs: Inputs) -> dict[str, In
         raise NormcError("quantization needs calibration inputs", hint="add `calibrate from ...` before `quantize`")
     by_node = {lp.node: lp.name for lp in plan.linears}
     stats = {lp.name: InputStats() for lp in plan.linears}
-    wanted = {n.args[0]: [] for n in by_node if isinstance(n.args[0], fx.Node)}
-    for n in by_node:
+    wanted: dict[fx.Node, list[str]] = {}
+    for n, name in by_node.items():
         if isinstance(n.args[0], fx.Node):
-            wanted[n.args[0]].append(by_node[n])
+            wanted.setdefault(n.args[0], []).append(name)
 
     def on_node(node, value):
         for name in wanted.get(node, ()):
@@ -129,9 +129,9 @@ def scale_zero_point(rmin: float, rmax: float, qmin: int, qmax: int, symmetric: 
     if scale < _TINY:
         return 1.0, 0
     if symmetric:
-        zp = int(round((qmin + qmax) / 2.0))
+        zp = round((qmin + qmax) / 2.0)
     else:
-        zp = int(round(qmin - rmin / scale))
+        zp = round(qmin - rmin / scale)
     return float(torch.tensor(scale, dtype=torch.float32)), zp
 
 
