@@ -94,3 +94,10 @@ def test_later_entries_override_earlier_words_only():
     assert not s.quantized
     s = entry_scheme(entry_scheme(s, step.entries[1]), step.entries[2])
     assert s.quantized and s.act_dynamic and s.weight_granularity == "per_tensor"
+
+
+def test_minilm_example_checks_clean():
+    from pathlib import Path
+    program = load_rules(Path(__file__).resolve().parents[2] / "examples" / "minilm_int8.nc")
+    kinds = [type(s).__name__ for s in program.main.pipeline.steps]
+    assert kinds == ["Calibrate", "Apply", "Verify", "Quantize", "Verify"]
