@@ -145,6 +145,7 @@ def quantize_int8(
     calibrate_method: str = "minmax",
     nodes_to_exclude: Sequence[str] | None = None,
     extra_options: dict | None = None,
+    policy: Any = None,
 ) -> QuantizeReport:
     """Quantize ``onnx_in`` to INT8 QDQ with static activation scales from
     ``calibration_inputs``; write ``onnx_out`` atomically; return what was done.
@@ -155,6 +156,10 @@ def quantize_int8(
     ``linears_only``, else every op ORT supports). ``calibrate_method``: ``minmax``,
     ``entropy`` or ``percentile``. ``gemm``: rewrite every remaining MatMul(+bias Add) linear
     as ``Reshape -> Gemm -> Reshape`` before quantizing (see :func:`_linears_to_gemm`).
+    ``policy``: per-linear settings (normc.quantize.ort.PlanPolicy): ``prepare(path, out) -> bool``
+    rewrites the float model first (True when it wrote ``out``), ``decide(path, linears) ->
+    (linears to quantize statically, tensor overrides, notes)``, ``finish(path) -> notes`` edits
+    the quantized model in place.
     """
     try:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -197,13 +202,15 @@ def quantize_int8(
     with tempfile.TemporaryDirectory(prefix="normc-quant-") as scratch:
         source = onnx_in
         preprocessed = False
+        if policy is not None and policy.prepare(source, Path(scratch) / "prepared.onnx"):
+            source = Path(scratch) / "prepared.onnx"
         if preprocess:
             pre = Path(scratch) / "preprocessed.onnx"
             try:
                 from onnxruntime.quantization.shape_inference import quant_pre_process
 
                 with _quiet_ort():
-                    quant_pre_process(str(onnx_in), str(pre), skip_symbolic_shape=False)
+                    quant_pre_process(str(source), str(pre), skip_symbolic_shape=False)
                 source, preprocessed = pre, True
             except Exception as exc:  # pre-processing is an optimisation, not a requirement
                 notes.append(f"quant_pre_process failed ({one_line(exc)}); quantized the model as exported")
@@ -219,29 +226,40 @@ def quantize_int8(
             if not nodes_to_quantize:
                 raise NormcError(f"`{onnx_in}` has no linear (MatMul/Gemm with a constant weight) to quantize",
                                  hint="pass linears_only=False to quantize every op onnxruntime can")
+        if policy is not None:
+            nodes_to_quantize, overrides, more = policy.decide(source, nodes_to_quantize)
+            notes.extend(more)
+            if overrides:
+                options["TensorQuantOverrides"] = overrides
         reader = calibration_reader(source, calibration_inputs)
         try:
             with atomic_path(onnx_out) as tmp, _quiet_ort():
-                quantize_static(
-                    str(source),
-                    str(tmp),
-                    calibration_data_reader=reader,
-                    quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(op_types) if op_types else None,
-                    per_channel=bool(per_channel),
-                    reduce_range=bool(reduce_range),
-                    activation_type=getattr(QuantType, act),
-                    weight_type=QuantType.QInt8,
-                    nodes_to_quantize=nodes_to_quantize,
-                    nodes_to_exclude=list(nodes_to_exclude or []),
-                    calibrate_method=method,
-                    extra_options=options,
-                )
-                if linears_only:
+                if linears_only and not nodes_to_quantize:  # the policy keeps every linear float
+                    import shutil
+                    shutil.copyfile(source, tmp)
+                else:
+                    quantize_static(
+                        str(source),
+                        str(tmp),
+                        calibration_data_reader=reader,
+                        quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(op_types) if op_types else None,
+                        per_channel=bool(per_channel),
+                        reduce_range=bool(reduce_range),
+                        activation_type=getattr(QuantType, act),
+                        weight_type=QuantType.QInt8,
+                        nodes_to_quantize=nodes_to_quantize,
+                        nodes_to_exclude=list(nodes_to_exclude or []),
+                        calibrate_method=method,
+                        extra_options=options,
+                    )
+                if linears_only and nodes_to_quantize:
                     rewired = _float_bypass(tmp, set(nodes_to_quantize))
                     if rewired:
                         notes.append(f"{rewired} non-linear consumer(s) of quantized activations "
                                      "(residual adds) read the float tensor again")
+                if policy is not None:
+                    notes.extend(policy.finish(tmp))
         except NormcError:
             raise
         except Exception as exc:

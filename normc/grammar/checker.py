@@ -18,8 +18,8 @@ from .literals import finite_number
 from .loader import Program
 
 PARAM_TYPES = {"float", "int", "bool", "string", "str"}
-VERIFY_OPTIONS = {"max_abs", "rel", "max_rel", "samples", "dtype", "seed", "cosine", "allow_nonfinite"}
-APPROX_OPTIONS = {"max_abs", "max_rel", "rel", "cosine"}
+VERIFY_OPTIONS = {"max_abs", "rel", "max_rel", "samples", "dtype", "seed", "cosine", "allow_nonfinite", "data"}
+APPROX_OPTIONS = {"max_abs", "max_rel", "rel", "cosine", "min_cosine", "mean_cosine"}
 EXPORT_FORMATS = {"torch": {"opset"}, "onnx": {"opset", "check", "dynamic", "quantize"}, "tensorrt": {"opset", "fp16", "workspace_gb"},
                   "safetensors": set()}
 INPUT_DTYPES = {"f32", "f64", "f16", "bf16", "i64", "i32", "bool"}
@@ -347,6 +347,8 @@ class Checker:
                 if step.samples is not None and step.samples < 1:
                     self.error(step.loc, f"`calibrate ... samples {step.samples}` must be at least 1",
                                "give the number of calibration samples to use")
+            elif isinstance(step, T.Quantize):
+                self.check_quantize(step)
             elif isinstance(step, T.Export):
                 if step.format not in EXPORT_FORMATS:
                     self.error(step.loc, f"unknown export format `{step.format}`",
@@ -372,7 +374,7 @@ class Checker:
             problem = finite_number(value, positive=True)
         elif key == "max_abs":
             problem = finite_number(value, non_negative=True)
-        elif key == "cosine":
+        elif key in ("cosine", "min_cosine", "mean_cosine"):
             problem = finite_number(value) or (None if -1 <= value <= 1 else f"must be between -1 and 1 (got {value})")
         elif key == "samples":
             problem = None if type(value) is int and value >= 1 else f"must be a positive integer (got `{value}`)"
@@ -398,6 +400,33 @@ class Checker:
             return
         if isinstance(value, float) and not math.isfinite(value):
             self.error(e.loc, f"`{name}` of `{rule}` is not finite ({value})")
+
+
+    # ------------------------------------------------------------------ quantize step (owner: int8, issue 14)
+    def check_quantize(self, step: T.Quantize):
+        from ..quantize.settings import check_entries
+        for e in check_entries(step):
+            self.error(e.loc, e.message, e.hint)
+        for entry in step.entries:
+            if entry.kind != "match":
+                continue
+            pc = entry.pattern
+            if schema_for(pc.op) is not None and schema_for(pc.op)[0].name != "linear":
+                self.error(pc.loc, f"a quantize pattern selects linears: its root op is `{pc.op}`",
+                           "write `match linear(...)`, e.g. `match linear(gelu(x), w, b?)`")
+            scope: dict[str, str] = {}
+            op_uses: dict[str, int] = {}
+            self.each_vars = {}
+            self.check_pcall(pc, scope, op_uses, [])
+            for op, count in op_uses.items():
+                if count == 1 and op not in scope:
+                    scope[op] = NODE
+            if entry.where is not None:
+                t = self.expr(entry.where, scope, "where")
+                if t not in (BOOL, ANY):
+                    self.error(entry.where.loc, "the `where` clause is not a condition",
+                               "compare values (==, <, ...) or call a guard such as single_use(x)")
+    # ------------------------------------------------------------------ end of quantize step
 
 
 def _names_in(e) -> set[str]:

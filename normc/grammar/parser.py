@@ -281,6 +281,33 @@ class _Build(Transformer):
     def calibrate_step(self, meta, c):
         return T.Calibrate(c[0].value, c[1].value if c[1] is not None else None, self._loc(meta))
 
+    # ---------------------------------------------------------- quantize step (owner: int8, issue 14)
+    @v_args(meta=True)
+    def quantize_step(self, meta, c):
+        return T.Quantize(str(c[0]), [e for e in c[1:] if e is not None], self._loc(meta), self._loc(c[0]))
+
+    @v_args(meta=True)
+    def quant_default(self, meta, c):
+        return T.QuantEntry("default", c[0], self._loc(meta))
+
+    @v_args(meta=True)
+    def quant_on(self, meta, c):
+        return T.QuantEntry("on", c[1], self._loc(c[0]), glob=c[0].value)
+
+    @v_args(meta=True)
+    def quant_match(self, meta, c):
+        return T.QuantEntry("match", c[2], c[0].loc, pattern=c[0], where=c[1])
+
+    def quant_settings(self, c):
+        return list(c)
+
+    @v_args(meta=True)
+    def quant_setting(self, meta, c):
+        words = [w for w in c[1:] if w is not None]
+        return T.QuantSetting(str(c[0]), [str(w) if w.type == "NAME" else w.value for w in words],
+                              [self._loc(w) for w in words], self._loc(c[0]))
+    # ---------------------------------------------------------- end of quantize step
+
     @staticmethod
     def _value(v):
         if isinstance(v, Token):

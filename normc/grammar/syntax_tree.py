@@ -243,7 +243,37 @@ class Calibrate:
     loc: Loc
 
 
-Step = Union[Apply, Verify, Export, Calibrate]
+# ---------------------------------------------------------------- quantize step (owner: int8, issue 14)
+@dataclass
+class QuantSetting:
+    """One `subject word word ...` of a quantize entry (`activations per_token dynamic`)."""
+    subject: str
+    words: list[object]          # names (str) and numbers, in order
+    locs: list[Loc]              # one per word
+    loc: Loc                     # the subject
+
+
+@dataclass
+class QuantEntry:
+    """`default: ...`, `on "glob": ...` or `match linear(...) where guard: ...`."""
+    kind: str                    # default | on | match
+    settings: list[QuantSetting]
+    loc: Loc
+    glob: str | None = None
+    pattern: PCall | None = None
+    where: Expr | None = None
+
+
+@dataclass
+class Quantize:
+    precision: str               # int8
+    entries: list[QuantEntry]
+    loc: Loc
+    precision_loc: Loc | None = None
+# ---------------------------------------------------------------- end of quantize step
+
+
+Step = Union[Apply, Verify, Export, Calibrate, Quantize]
 
 
 @dataclass

@@ -71,6 +71,11 @@ def write_outputs(run, result) -> None:
             torch_backend.save_pt2(gm, loaded.example_args, loaded.example_kwargs, path, program=program())
         elif fmt == "safetensors":
             torch_backend.save_state_dict(gm, path)
+        elif fmt == "onnx" and getattr(run, "quantized", None) is not None:  # the `quantize` step's plan
+            from ..quantize.run import write_onnx_int8
+            done = write_onnx_int8(run.quantized, loaded.example_args, loaded.example_kwargs, path,
+                                   run.calib_inputs or run.inputs(32)[1:], opset=onnx_opset(gm, opts, run.options))
+            result.report.setdefault("int8", []).append({"path": str(path), "quantize": _plain_dict(done)})
         elif fmt == "onnx" and opts.get("quantize") is not None:
             write_int8(run, gm, path, opts, result, program())
         elif fmt == "onnx":

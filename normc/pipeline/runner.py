@@ -147,6 +147,8 @@ class _Runner:
         self.applied: list[list] = []
         self.calib_inputs: list = []
         self.warnings: list[str] = []
+        self.quantized = None  # normc.quantize.run.Quantized after a `quantize` step
+        self.quant_report: dict = {}
 
     def inputs(self, n: int, dtype: torch.dtype | None = None):
         specs = self.loaded.input_specs
@@ -234,6 +236,22 @@ class _Runner:
                     self.say(f"checking the sites of `apply {step.rule}` in float64")
                     record.site_checks = record.checker.check(gm)
                     record.checker = None
+            elif isinstance(step, T.Quantize):  # INT8 (normc/quantize): planned and simulated, graph unchanged
+                record = StepRecord(f"quantize {step.precision}")
+                if not self.options.dry_run:
+                    from ..quantize.step import run_quantize
+                    self.say("quantizing (plan, calibration, simulation)")
+                    self.quantized, self.quant_report = run_quantize(self, gm, step)
+            elif isinstance(step, T.Verify) and self.quantized is not None:
+                record = StepRecord("verify int8")
+                if not self.options.dry_run:
+                    from ..quantize.step import verify_quantized
+                    self.say("verifying the INT8 model on held-apart inputs")
+                    ok, why, measured = verify_quantized(self, self.quantized, step)
+                    self.quant_report.setdefault("verify", []).append(measured)
+                    if not ok:
+                        passed = False
+                        failure = failure or why
             elif isinstance(step, T.Verify):
                 record = StepRecord("verify")
                 f64 = DTYPE_NAMES.get(str(step.options.get("dtype", ""))) == torch.float64
@@ -317,6 +335,8 @@ class _Runner:
         }
         if nothing is not None:
             report["nothing_rewritten"] = nothing
+        if self.quant_report:
+            report["quantize"] = self.quant_report
         report["rolled_back"] = [c for s in self.steps for c in getattr(s, "rolled_back", [])]
         report["culprits"] = [c for s in self.steps for c in getattr(s, "culprits", [])]
         result = CompileResult(gm, self.loaded.module, self.loaded, report, passed, before=before_gm)
