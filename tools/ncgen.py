@@ -224,7 +224,7 @@ class _Gen:
                     opts.append(("approx " if self.chance(0.15) else "") + f"{key} {value}")
                 steps.append("verify " + " ".join(opts))
             elif k == 3:
-                opts = " ".join(f"{self.pick(['opset', 'check', 'dynamic', 'quantize', 'fp16'])} {self.pick([self.number(), 'int8', 'true'])}"
+                opts = " ".join(f"{self.pick(['opset', 'check', 'dynamic', 'fp16'])} {self.pick([self.number(), 'int8', 'true'])}"
                                 for _ in range(r.randrange(0, 3)))
                 to = f" to {self.pick([self.string(), chr(34) + 'out/m.pt2' + chr(34), chr(34) + '../../x.onnx' + chr(34)])}" \
                     if self.chance(0.7) else ""

@@ -565,6 +565,27 @@ def drop_noop_casts(gm: fx.GraphModule) -> int:
     return n
 
 
+def drop_full_slices(gm: fx.GraphModule) -> int:
+    """`x[:, 0:]`-style slices that keep every element (HF's `hidden[:, slice(-logits_to_keep, None)]` with
+    logits_to_keep=0). A static trace folds them away; a dynamic one keeps them, and they would stand between
+    a norm and the linear reading it. Start 0 (or None), step 1 and an end past any size: shape-independent."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or aten_base(node.target) != "slice":
+            continue
+        args = list(node.args) + [None] * (5 - len(node.args))
+        start = node.kwargs.get("start", args[2])
+        end = node.kwargs.get("end", args[3])
+        step = node.kwargs.get("step", args[4])
+        if start in (0, None) and step in (1, None) and (end is None or (type(end) is int and end >= 2 ** 62)):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            n += 1
+    if n:
+        gm.recompile()
+    return n
+
+
 def _traced_dtype(node: fx.Node):
     """The dtype a cast's `dtype` operand stood for when traced: `v.dtype` or a tensor `v` (`type_as`)."""
     if node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] == "dtype":
@@ -579,6 +600,7 @@ def resolve_with_shapes(gm: fx.GraphModule) -> None:
     shape-preserving op that reads the same value (so a BatchNorm wrapper's `x.shape` check does not count as a
     second user of the conv before it)."""
     drop_noop_casts(gm)
+    drop_full_slices(gm)
     changed = _resolve_norm_shapes(gm) + _fold_static_facts(gm) + _sink_shape_readers(gm)
     if changed:
         gm.graph.eliminate_dead_code()

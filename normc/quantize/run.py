@@ -42,7 +42,16 @@ def write_onnx_int8(q: Quantized, example_args, example_kwargs, out: Path, calib
 
     with tempfile.TemporaryDirectory(prefix="normc-int8-") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        export_onnx(q.graph_module, example_args, example_kwargs, fp32, opset=opset)
+        # The INT8 model is exported at the example's shape: with symbolic dims onnxruntime's quantization
+        # (pre-processing and QDQ placement) computes something else than the plan (measured 7.6e-3 from the
+        # simulation, against < 1e-5 static, tests/quantize/test_ort_agreement.py). Not understood yet.
+        gm = q.graph_module
+        saved = gm.meta.pop("normc_dynamic", None) if hasattr(gm, "meta") else None
+        try:
+            export_onnx(gm, example_args, example_kwargs, fp32, opset=opset)
+        finally:
+            if saved is not None:
+                gm.meta["normc_dynamic"] = saved
         return export_int8(q.plan, q.stats, fp32, Path(out), calib_inputs, preprocess=preprocess)
 
 

@@ -19,7 +19,7 @@ PIPE = '''pipeline {{
 
 def run(block, gate, export="", write=False):
     program = load_rules(text=PIPE.format(gate=gate, export=export))
-    return compile_model(program, loaded_model(block, sample(0)), RunOptions(write=write))
+    return compile_model(program, loaded_model(block, sample(0)), RunOptions(write=write, allow_outside_writes=True))
 
 
 def test_gate_passes_reports_and_exports(block, tmp_path):
