@@ -284,6 +284,18 @@ def _static_shapes(model) -> dict[str, list[int]]:
     return shapes
 
 
+def splice_nodes(model, new_nodes: dict, removed: set, new_inits: list) -> None:
+    """Rebuild `model.graph.node` in order: each node whose id is in `new_nodes` replaced by those nodes,
+    those in `removed` dropped; `new_inits` appended to the initializers."""
+    rebuilt = []
+    for node in model.graph.node:
+        if id(node) not in removed:
+            rebuilt.extend(new_nodes.get(id(node), [node]))
+    del model.graph.node[:]
+    model.graph.node.extend(rebuilt)
+    model.graph.initializer.extend(new_inits)
+
+
 def _linears_to_gemm(path: Path, out_path: Path) -> int:
     """Rewrite ``MatMul(x, W) [+ Add(b)]`` with a constant 2-D ``W`` (and constant 1-D ``b``)
     on an input of rank >= 3 as ``Reshape(x, [-1, K]) -> Gemm(., W, b) -> Reshape([..., N])``.
@@ -345,14 +357,7 @@ def _linears_to_gemm(path: Path, out_path: Path) -> int:
         count += 1
     if not count:
         return 0
-    nodes = []
-    for node in model.graph.node:
-        if id(node) in removed:
-            continue
-        nodes.extend(new_nodes.get(id(node), [node]))
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    model.graph.initializer.extend(new_inits)
+    splice_nodes(model, new_nodes, removed, new_inits)
     used = {i for n in _iter_nodes(model.graph) for i in n.input} | {o.name for o in model.graph.output}
     kept = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]

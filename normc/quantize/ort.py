@@ -149,14 +149,8 @@ class PlanPolicy:
             new_nodes[id(node)] = nodes
             if add is not None:
                 removed.add(id(add))
-        rebuilt = []
-        for n in model.graph.node:
-            if id(n) in removed:
-                continue
-            rebuilt.extend(new_nodes.get(id(n), [n]))
-        del model.graph.node[:]
-        model.graph.node.extend(rebuilt)
-        model.graph.initializer.extend(new_inits)
+        from ..backends.quantize import splice_nodes
+        splice_nodes(model, new_nodes, removed, new_inits)
         onnx.save(model, str(out))
         self.notes.append(f"{len(split)} linear(s) split at token {sorted({v[3].scheme.first_tokens for v in split.values()})}"
                           " (first tokens get their own static range)")

@@ -106,13 +106,18 @@ class FakeQuantLinear(nn.Linear):
         y_q = F.linear(fake_quant_per_tensor(x, self.act_scale, self.act_qmax), self.weight, self.bias)
         if self.local is None:
             return y_q
-        y = F.linear(x, self.weight_fp, self.bias)
-        self.local["err2"] += float((y_q.double() - y.double()).pow(2).sum())
-        self.local["ref2"] += float(y.double().pow(2).sum())
-        return y
+        return add_local_error(self.local, y_q, F.linear(x, self.weight_fp, self.bias))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, site={self.site!r}, act_absmax={self.act_absmax:.4g}"
+
+
+def add_local_error(local: dict, y_q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Accumulate a linear's squared quantization error and squared reference (float64) into `local`;
+    returns the float output `y`, so measuring one linear does not carry its error downstream."""
+    local["err2"] += float((y_q.double() - y.double()).pow(2).sum())
+    local["ref2"] += float(y.double().pow(2).sum())
+    return y
 
 
 # --------------------------------------------------------------------------- finding linears
