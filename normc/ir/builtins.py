@@ -61,6 +61,7 @@ class EvalContext:
         self.gm = gm
         self.stats = stats  # normc.verify.calibrate.Statistics or None
         self.param_index: ParamIndex | None = None  # set by the rewriter, which keeps it up to date
+        self.keep_exact_values = False  # an observer wants new parameters' float64 values (per-site checks)
 
     def param_users(self, node: fx.Node) -> list[fx.Node]:
         """Every node reading the parameter `node` reads (same target or same storage)."""
@@ -256,6 +257,13 @@ def _stat(kind):
             if ctx.stats is None:
                 raise RefuseSite(f"{kind}({x.node.name}) needs calibration statistics: add `calibrate` before this step")
             return ctx.stats.get(x.node, kind)  # per channel (last dim), float64
+        if kind in ("absmax", "max", "min") and isinstance(x, NodeRef) and x.node.op == "get_attr":
+            # exact in the parameter's own dtype: no float64 copy of a whole weight for a max
+            t = get_param(ctx.gm, x.node).detach()
+            if t.is_floating_point():
+                dims = None if dim is None else tuple(dim) if isinstance(dim, (list, tuple)) else (int(dim),)
+                r = reducers[kind](t) if dims is None else reducers[kind](t, dim=dims, keepdim=bool(keepdim))
+                return r.to(torch.float64)
         t = _t(ctx, x)
         if dim is None:
             return reducers[kind](t)

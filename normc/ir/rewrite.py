@@ -125,10 +125,40 @@ class _Ref:
 
 @dataclass
 class _Value:
-    value: torch.Tensor          # as computed (float64)
+    value: torch.Tensor | RowBlockValue  # as computed (float64), or held as stored + residual
     slot: str
     dtype: torch.dtype | None
     stored: torch.Tensor         # as the parameter will hold it (in `dtype`)
+
+
+@dataclass
+class RowBlockValue:
+    """A new parameter's float64 value computed a block of rows at a time (too large to hold whole):
+    what the parameter stores plus the float32 residual of the float64 value (None: not kept, no
+    observer asked for it)."""
+    stored: torch.Tensor
+    residual: torch.Tensor | None
+
+
+# An elementwise new value (`w * s`, `w * g`) larger than this is computed in float64 a block of rows
+# at a time: a whole 32000 x 4096 head would hold about three float64 copies of itself (3 GB) at once.
+ROW_BLOCK_BYTES = 64 << 20
+_ELEMENTWISE_OPS = frozenset(("+", "-", "*", "/", "**", "??"))
+
+
+def _elementwise_names(expr) -> set[str] | None:
+    """The names an expression of only arithmetic reads, or None when it has anything else (a call
+    may reduce, an index may move rows: those are evaluated whole)."""
+    if isinstance(expr, T.Name):
+        return {expr.id}
+    if isinstance(expr, (T.Num, T.Const)):
+        return set()
+    if isinstance(expr, T.Unary) and expr.op == "-":
+        return _elementwise_names(expr.operand)
+    if isinstance(expr, T.Binary) and expr.op in _ELEMENTWISE_OPS:
+        left, right = _elementwise_names(expr.left), _elementwise_names(expr.right)
+        return None if left is None or right is None else left | right
+    return None
 
 
 class _Planner:
@@ -181,15 +211,18 @@ class _Planner:
             return _Ref(arg.id)
         if isinstance(arg, T.Name) and isinstance(self.ev.env.get(arg.id), NodeRef):
             return _Ref(arg.id)  # a bound graph value (an existing parameter is reused as is)
+        dtype = self.default_dtype
+        if inherit is not None and index < len(inherit.args) and isinstance(inherit.args[index], fx.Node) \
+                and inherit.args[index].op == "get_attr":
+            dtype = get_param(self.gm, inherit.args[index]).dtype
+        blocked = self.eval_in_row_blocks(arg, slot, dtype or torch.float32)
+        if blocked is not None:
+            return blocked
         value = self.ev.eval(arg)
         if value is None:
             return None
         if isinstance(value, NodeRef):
             return _Ref(arg.id) if isinstance(arg, T.Name) else value.node
-        dtype = self.default_dtype
-        if inherit is not None and index < len(inherit.args) and isinstance(inherit.args[index], fx.Node) \
-                and inherit.args[index].op == "get_attr":
-            dtype = get_param(self.gm, inherit.args[index]).dtype
         if not isinstance(value, torch.Tensor):
             value = torch.as_tensor(value, dtype=torch.float64)
         stored = value.to(dtype or torch.float32)
@@ -203,6 +236,58 @@ class _Planner:
         elif not torch.isfinite(value).all():
             raise RefuseSite(f"the new `{slot}` has non-finite values")
         return _Value(value, slot, dtype, stored)
+
+    def eval_in_row_blocks(self, arg, slot: str, dtype: torch.dtype) -> _Value | None:
+        """An elementwise expression whose float64 result is larger than ROW_BLOCK_BYTES, evaluated a
+        block of rows at a time into the stored tensor (the same numbers as evaluating it whole: each
+        element's arithmetic is the same); None when the expression or its size does not call for it."""
+        names = _elementwise_names(arg)
+        if not names:
+            return None
+        leaves: dict[str, torch.Tensor] = {}
+        for name in names:
+            v = self.ev.env.get(name)
+            if isinstance(v, NodeRef):
+                if v.node.op != "get_attr":
+                    return None  # an activation: the ordinary path says why it has no value
+                v = get_param(self.gm, v.node).detach()
+            if isinstance(v, torch.Tensor):
+                if not v.is_floating_point():
+                    return None
+                leaves[name] = v
+            elif not isinstance(v, (int, float)):
+                return None  # absent operands, lists, ...: the ordinary path
+        if not leaves:
+            return None
+        try:
+            shape = torch.broadcast_shapes(*(t.shape for t in leaves.values()))
+        except RuntimeError:
+            return None
+        per_row = 8 * math.prod(shape[1:]) if len(shape) else 0
+        if len(shape) == 0 or shape[0] < 2 or shape[0] * per_row <= ROW_BLOCK_BYTES:
+            return None
+        rows = shape[0]
+        split = {n for n, t in leaves.items() if t.dim() == len(shape) and t.shape[0] == rows}
+        env = dict(self.ev.env)
+        for n, t in leaves.items():  # the rest broadcast along the rows: converted once
+            if n not in split:
+                env[n] = t.to(torch.float64)
+        stored = torch.empty(shape, dtype=dtype)
+        residual = torch.empty(shape, dtype=torch.float32) if self.ev.ctx.keep_exact_values else None
+        step = max(1, ROW_BLOCK_BYTES // per_row)
+        for r0 in range(0, rows, step):
+            for n in split:
+                env[n] = leaves[n][r0:r0 + step].to(torch.float64)
+            block = torch.as_tensor(Evaluator(self.ev.ctx, env, self.ev.each).eval(arg), dtype=torch.float64)
+            out = stored[r0:r0 + step]
+            out.copy_(block)
+            if not torch.isfinite(out).all():
+                if not torch.isfinite(block).all():
+                    raise RefuseSite(f"the new `{slot}` has non-finite values")
+                raise RefuseSite(f"the new `{slot}` overflows {dtype} (values up to {block.abs().max().item():.3g})")
+            if residual is not None:
+                residual[r0:r0 + step].copy_(block - out.double())
+        return _Value(RowBlockValue(stored, residual), slot, dtype, stored)
 
 
 _PARAM_NAMES = {"w": "weight", "b": "bias"}
@@ -389,10 +474,11 @@ class _Rewriter:
     def run(self, cleanup: bool) -> RuleReport:
         t0 = time.perf_counter()
         saved, self.ctx.param_index = self.ctx.param_index, ParamIndex(self.gm)
+        saved_exact, self.ctx.keep_exact_values = self.ctx.keep_exact_values, self.observer is not None
         try:
             self._sweeps()
         finally:
-            self.ctx.param_index = saved
+            self.ctx.param_index, self.ctx.keep_exact_values = saved, saved_exact
         report = self.report
         def alive(n):
             return live(n) and n not in self.created

@@ -28,6 +28,7 @@ import torch.utils._pytree as pytree
 
 from ..ir.canonicalize import reads_shape_only
 from ..ir.graph import get_param, live, run_recording
+from ..ir.rewrite import RowBlockValue
 from .compare import OutputDiff, Tolerance, diff_tensors, merge_worst
 
 _LOW = (torch.float32, torch.float16, torch.bfloat16)
@@ -377,12 +378,16 @@ def _relate(t, relation):
 def _exact_value(stored: torch.Tensor, value: torch.Tensor) -> Callable:
     """The float64 value of a new parameter, from what the graph stores plus a float32 residual
     (exact to ~2^-48 of the value; the residual costs what the stored tensor does, for one step)."""
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+    if isinstance(value, RowBlockValue):  # computed a block of rows at a time: its residual came with it
+        residual = value.residual
+        if residual is None:
+            raise RuntimeError("a row-block value without its residual reached the float64 check")
+    elif not isinstance(value, torch.Tensor) or not value.is_floating_point():
         return lambda: _up(stored)
-    value = value.detach().to(torch.float64)
-    if stored.dtype == torch.float64:
+    elif stored.dtype == torch.float64:
         return lambda: stored
-    residual = (value - stored.double()).float()
+    else:
+        residual = (value.detach().to(torch.float64) - stored.double()).float()
     if not residual.any():
         return lambda: stored.double()
     return lambda: stored.double() + residual.double()
