@@ -30,9 +30,8 @@ def _on_signal(signum, frame):
     _restore()
     if callable(previous):
         previous(signum, frame)  # e.g. Python's SIGINT handler: KeyboardInterrupt
-    elif previous == signal.SIG_DFL:
+    else:
         os.kill(os.getpid(), signum)  # die of the signal, as without us
-    # SIG_IGN: the signal was ignored before; it still is
 
 
 def _install():
@@ -40,6 +39,8 @@ def _install():
         return  # handlers can only be set from the main thread; elsewhere rely on the stale-file cleanup
     for sig in _SIGNALS:
         with contextlib.suppress(ValueError, OSError):
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # ignored (a background job's SIGINT): the write goes on, so must its file
             _previous[sig] = signal.signal(sig, _on_signal)
 
 

@@ -63,6 +63,7 @@ WRITER = textwrap.dedent("""
     import os, signal, sys, time
     sys.path.insert(0, {repo!r})
     from normc.atomic import atomic_path
+    {setup}
     with atomic_path({target!r}) as tmp:
         tmp.write_text("half")
         print(tmp, flush=True)
@@ -76,10 +77,25 @@ WRITER = textwrap.dedent("""
 @pytest.mark.parametrize("sig, status", [("SIGTERM", {-signal.SIGTERM}), ("SIGINT", {1, -signal.SIGINT})])
 def test_signal_removes_the_temp(tmp_path, sig, status):
     target = tmp_path / "model.pt2"
-    code = WRITER.format(repo=str(REPO), target=str(target), sig=sig)
+    # the child's SIGINT as an interactive Python has it, whatever this process inherited (a background
+    # job's SIGINT is ignored, and a child inherits that)
+    setup = "signal.signal(signal.SIGINT, signal.default_int_handler)"
+    code = WRITER.format(repo=str(REPO), target=str(target), sig=sig, setup=setup)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode in status, proc.stderr
     assert proc.stdout.strip().endswith(".tmp") and "not reached" not in proc.stdout
     assert temps(tmp_path) == [] and not target.exists()
     if sig == "SIGINT":
         assert "KeyboardInterrupt" in proc.stderr
+
+
+def test_an_ignored_signal_stays_ignored_and_the_write_completes(tmp_path):
+    """A background job (`cmd &` in a script) has SIGINT ignored: a Ctrl-C meant for the shell must
+    neither stop the write nor delete the file being written."""
+    target = tmp_path / "model.pt2"
+    setup = "signal.signal(signal.SIGINT, signal.SIG_IGN)"
+    code = WRITER.format(repo=str(REPO), target=str(target), sig="SIGINT", setup=setup).replace("time.sleep(5)", "")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "not reached" in proc.stdout  # the write went on past the signal
+    assert target.read_text() == "half" and temps(tmp_path) == []
