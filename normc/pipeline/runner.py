@@ -162,7 +162,7 @@ class _Runner:
     def run(self) -> CompileResult:
         t0 = time.perf_counter()
         self.say("tracing")
-        gm, trace_info = prepare_graph(self.loaded, dynamic=not self.options.static)
+        gm, trace_info = self.trace()
         self.warnings += gm.meta.get("normc_trace_warnings", [])
         before = op_counts(gm)
         before_gm = share_weights_copy(gm) if self.options.keep_before else None
@@ -344,6 +344,11 @@ class _Runner:
             write_outputs(self, result)
         report["seconds"] = round(time.perf_counter() - t0, 3)
         return result
+
+    def trace(self) -> tuple[fx.GraphModule, dict]:
+        """The canonical graph the pipeline rewrites, and how it was traced (the streaming executor hands
+        in the one it traced already)."""
+        return prepare_graph(self.loaded, dynamic=not self.options.static)
 
     def other_shapes(self, gm, reference, trace_info: dict):
         """Verification inputs at two shapes other than the example's, when the graph is dynamic; the

@@ -36,7 +36,7 @@ from ..errors import NormcError, VerificationFailed
 from ..frontend.specs import InputSpec, LoadedModel, specs_from_examples
 from ..grammar import syntax_tree as T
 from ..ir.graph import get_param
-from ..pipeline.runner import RunOptions, _Runner
+from ..pipeline.runner import RunOptions, _Runner, share_weights_copy
 from ..verify import Tolerance
 from ..verify.inputs import cast_inputs, sample_inputs
 from .model import (
@@ -84,9 +84,15 @@ class _UnitRunner(_Runner):
     """The pipeline runner on one unit, fed the carried inputs: calibration statistics come from the
     hidden states the original model has at this unit, verification runs on the carried ones."""
 
-    def __init__(self, program, loaded, options, calib, verify):
+    def __init__(self, program, loaded, options, calib, verify, traced):
         super().__init__(program, loaded, options)
-        self._calib, self._verify = calib, verify
+        self._calib, self._verify, self._traced = calib, verify, traced
+
+    def trace(self):
+        """The unit's canonical graph, traced once by the executor (it also carries the original hidden
+        states): the runner rewrites a copy that shares its weights."""
+        before, info = self._traced
+        return share_weights_copy(before), {**info, "notes": list(info["notes"])}
 
     def inputs(self, n, dtype=None):
         inputs = self._verify[: n + 1]
@@ -179,9 +185,9 @@ def stream_apply(program, folder, output, *, reason: str = "--stream", verify_in
             unit = BlockUnit(block, args0, kw0)
             flat = [unit.flat_inputs(recs[j][i][1], recs[j][i][2]) for j in range(len(recs))]
             orig_in = [((h_orig[j], *flat[j]), {}) for j in range(len(recs))]
-            before, noise = _original_graph(unit, orig_in[:nv], dtype)
+            before, info, noise = _original_graph(unit, orig_in[:nv], dtype)
             result = _run_unit(_with_tolerance(program, dtype, noise), unit, orig_in[:nv], orig_in[nv:],
-                               f"{folder}:{blocks.prefix(i)}", seed)
+                               f"{folder}:{blocks.prefix(i)}", seed, (before, info))
             entry = _unit_entry(f"{blocks.prefix(i)[:-1]}", nbytes, result, noise)
             _check(result, entry)
             plan = plan_layout(before, result.graph_module, unit)
@@ -205,9 +211,9 @@ def stream_apply(program, folder, output, *, reason: str = "--stream", verify_in
         say("head (final norm, output layer)")
         nbytes = unit_bytes(skel)
         tail_in = [((ids_of[j], h_orig[j]), {}) for j in range(len(recs))]
-        before, noise = _original_graph(skel, tail_in[:nv], dtype)
+        before, info, noise = _original_graph(skel, tail_in[:nv], dtype)
         result = _run_unit(_with_tolerance(program, dtype, noise), skel, tail_in[:nv], tail_in[nv:],
-                           f"{folder}:head", seed)
+                           f"{folder}:head", seed, (before, info))
         entry = _unit_entry("head", nbytes, result, noise)
         _check(result, entry)
         plan = plan_layout(before, result.graph_module, skel)
@@ -285,18 +291,19 @@ def _unit_loaded(module, verify_in, source="unit") -> LoadedModel:
 
 def _original_graph(module, verify_in, dtype):
     """The unit's canonical graph before any rule (what carries the original hidden states, as the whole
-    model's graph would) and, in a reduced-precision dtype, its spread from the eager module on the same
-    inputs: two faithful evaluations of one function in that dtype differ by this much already."""
+    model's graph would; the runner rewrites a copy of it), how it was traced, and, in a reduced-precision
+    dtype, its spread from the eager module on the same inputs: two faithful evaluations of one function
+    in that dtype differ by this much already."""
     from ..pipeline.runner import prepare_graph
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        before, _ = prepare_graph(_unit_loaded(module, verify_in))
+        before, info = prepare_graph(_unit_loaded(module, verify_in))
     _share_weights(before, module)
     if dtype not in (torch.float16, torch.bfloat16):
-        return before, 0.0
+        return before, info, 0.0
     with torch.no_grad():
         noise = max(_rel_err(_first(module(*a)), _first(before(*a))) for a, _ in verify_in)
-    return before, noise
+    return before, info, noise
 
 
 def _share_weights(gm, module) -> int:
@@ -340,12 +347,12 @@ def _with_tolerance(program, dtype, noise: float):
     return dataclasses.replace(program, main=main)
 
 
-def _run_unit(program, module, verify_in, calib_in, source, seed):
+def _run_unit(program, module, verify_in, calib_in, source, seed, traced):
     loaded = _unit_loaded(module, verify_in, source)
     options = RunOptions(write=False, verify_inputs=len(verify_in) - 1, seed=seed)
     with warnings.catch_warnings():  # copying the unit's input spec trips a torch pytree deprecation notice
         warnings.simplefilter("ignore", FutureWarning)
-        return _UnitRunner(program, loaded, options, calib_in, verify_in).run()
+        return _UnitRunner(program, loaded, options, calib_in, verify_in, traced).run()
 
 
 def _unit_entry(name: str, nbytes: int, result, noise: float) -> dict:

@@ -8,6 +8,7 @@ from safetensors import safe_open
 from normc import api
 from normc.checkpoint import checkpoint_files
 from normc.frontend.specs import InputSpec, LoadedModel
+from normc.frontend.trace import TRACE_COUNTS
 from normc.stream import stream_apply
 from normc.verify.inputs import sample_inputs
 
@@ -50,8 +51,10 @@ def test_stream_equals_non_streaming_bit_for_bit(tmp_path):
     src = _llama_dir(tmp_path / "src")
     assert len(set(checkpoint_files(src).values())) > 1  # sharded input
     prog = api.load_rules(text=RULES)
+    traces = TRACE_COUNTS["torch.export"]
     rep = stream_apply(prog, src, tmp_path / "streamed", input_specs=SPECS, verify_inputs=2)
     assert rep.blocks == 3 and rep.block_path == "model.layers" and rep.calibration_samples == 4
+    assert TRACE_COUNTS["torch.export"] - traces == rep.blocks + 1  # each block and the head traced once
     assert all(e["passed"] and e["sites"] > 0 for e in rep.per_unit)
     assert rep.end_to_end["within_tolerance"] and not rep.warnings
 
