@@ -217,12 +217,18 @@ def _streamed(rules, model, output, forced: bool, opts) -> bool:
     from .report.progress import progress_reporter
     from .stream import stream_apply
     program = api.load_rules(rules)
-    with progress_reporter() as say:
-        rep = stream_apply(program, folder, Path(output), reason=why, verify_inputs=opts["samples"],
-                           seed=opts["seed"], say=say)
+    from .atomic import write_text
+    try:
+        with progress_reporter() as say:
+            rep = stream_apply(program, folder, Path(output), reason=why, verify_inputs=opts["samples"],
+                               seed=opts["seed"], say=say)
+    except NormcError as exc:  # the report still tells which units passed, and the failing one's figures
+        partial = getattr(exc, "stream_report", None)
+        if partial is not None and opts.get("report_path"):
+            write_text(opts["report_path"], json.dumps({"stream": partial.to_dict()}, indent=2, default=str))
+        raise
     d = rep.to_dict()
     if opts.get("report_path"):
-        from .atomic import write_text
         write_text(opts["report_path"], json.dumps({"stream": d}, indent=2, default=str))
     console = _console()
     console.print(f"streamed {d['blocks']} blocks of {d['block_path']} ({d['dtype']}): {why}")

@@ -110,6 +110,11 @@ def get_param(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     return _get_attr(gm, node.target)
 
 
+def param_at(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    """The parameter (or buffer) a get_attr target names."""
+    return _get_attr(gm, target)
+
+
 def _get_attr(root, target: str):
     obj = root
     for part in target.split("."):

@@ -27,46 +27,72 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..ir.canonicalize import reads_shape_only
-from ..ir.graph import get_param, live, run_recording
+from ..ir.graph import get_param, live, param_at, run_recording
 from ..ir.rewrite import RowBlockValue
 from .compare import OutputDiff, Tolerance, diff_tensors, merge_worst
 
 _LOW = (torch.float32, torch.float16, torch.bfloat16)
-_METHOD_CASTS = {"float": "double", "half": "double", "bfloat16": "double"}
 CENTRED = "centred"  # relation: new = old - mean(old, dim=-1)
 COMPRESSED = "compressed"  # relation: new = (old - mean(old, dim=-1))[..., :-1] (Pre-CRMSNorm's stream)
 SHAPE = "shape"      # relation: the rest of the graph reads only the value's shape
 
 
-def _up(value):
-    """Float tensors and float dtypes (in arguments) to float64."""
+def _up(value, to: torch.dtype = torch.float64):
+    """Float tensors and float dtypes (in arguments) of lower precision than `to` to `to`."""
+    low = _LOW if to == torch.float64 else tuple(d for d in _LOW if d != to)
+
     def one(v):
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float64:
-            return v.double()
-        if isinstance(v, torch.dtype) and v in _LOW:
-            return torch.float64
+        if isinstance(v, torch.Tensor) and v.dtype in low:
+            return v.to(to)
+        if isinstance(v, torch.dtype) and v in low:
+            return to
         return v
     return pytree.tree_map(one, value)
 
 
 class _F64(fx.Interpreter):
-    """Runs a small graph in float64: every float value, parameter and dtype argument is float64."""
+    """Runs a small graph in float64 (or `to`): every float value, parameter and dtype argument is
+    upcast. Parameters are upcast where an op reads them, so only one is held upcast at a time."""
 
-    def __init__(self, graph: fx.Graph, attrs: dict):
+    def __init__(self, graph: fx.Graph, attrs, to: torch.dtype = torch.float64):
         super().__init__(torch.nn.Module(), graph=graph)
-        self.attrs = attrs
+        self.attrs, self.to = attrs, to
+        self._casts = {"float": "double", "half": "double", "bfloat16": "double"} if to == torch.float64 \
+            else {"half": "float", "bfloat16": "float"}
 
     def fetch_attr(self, target: str):
         return self.attrs[target]
 
     def call_function(self, target, args, kwargs):
-        return super().call_function(target, _up(args), _up(kwargs))
+        return super().call_function(target, _up(args, self.to), _up(kwargs, self.to))
 
     def call_method(self, target, args, kwargs):
-        return super().call_method(_METHOD_CASTS.get(target, target), _up(args), _up(kwargs))
+        return super().call_method(self._casts.get(target, target), _up(args, self.to), _up(kwargs, self.to))
 
     def run_node(self, n):
-        return _up(super().run_node(n))
+        out = super().run_node(n)
+        return out if n.op == "get_attr" else _up(out, self.to)
+
+
+class _GraphAttrs:
+    """A graph module's parameters by target, as they are stored (read lazily)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+
+    def __getitem__(self, target: str):
+        return param_at(self.gm, target)
+
+
+def run_upcast(gm: fx.GraphModule, args: tuple, to: torch.dtype = torch.float32) -> tuple:
+    """Evaluate a reduced-precision graph with every bf16/fp16 value in `to` instead, its parameters upcast
+    one op at a time (never a whole upcast copy of the weights): the function the graph's dtype
+    approximates. Graphs that call submodules are not supported (None)."""
+    if any(n.op == "call_module" for n in gm.graph.nodes):
+        return None
+    with torch.no_grad():
+        out = _F64(gm.graph, _GraphAttrs(gm), to).run(*args)
+    return tuple(pytree.tree_leaves(out))
 
 
 @dataclass

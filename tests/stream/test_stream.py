@@ -83,8 +83,11 @@ def test_stream_bf16_blocks_reproduce_the_original_independently(tmp_path):
         LlamaRotaryEmbedding,
     )
     src = _llama_dir(tmp_path / "src", dtype=torch.bfloat16)
-    stream_apply(api.load_rules(text=RULES), src, tmp_path / "out", input_specs=SPECS, verify_inputs=1,
-                 max_shard_bytes=60_000)
+    rep = stream_apply(api.load_rules(text=RULES), src, tmp_path / "out", input_specs=SPECS, verify_inputs=1,
+                       max_shard_bytes=60_000)
+    for e in rep.per_unit:  # each unit's gate: 3 x max(bf16's 1e-2, the original's own bf16 error vs float32)
+        assert 1e-4 < e["original_dtype_error_rel"] < 5e-2, e
+        assert e["tolerance_rel"] == pytest.approx(3 * max(1e-2, e["original_dtype_error_rel"]))
     a, b = _tensors(src), _tensors(tmp_path / "out")
     assert a.keys() == b.keys()
     assert all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype == torch.bfloat16 for k in a)
@@ -124,9 +127,12 @@ def test_stream_failing_verification_writes_nothing(tmp_path):
     from normc.errors import VerificationFailed
     src = _llama_dir(tmp_path / "src", layers=2)
     prog = api.load_rules(text=RULES.replace("}\n", "  verify rel 1e-12\n}\n"))  # fp32 rounding exceeds it
-    with pytest.raises(VerificationFailed, match="model.layers.0"):
+    with pytest.raises(VerificationFailed, match="model.layers.0") as info:
         stream_apply(prog, src, tmp_path / "out", input_specs=SPECS, verify_inputs=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    partial = info.value.stream_report  # what --report writes: the failing unit with its figures
+    assert "model.layers.0" in partial.failure
+    assert [e["unit"] for e in partial.per_unit] == ["model.layers.0"] and not partial.per_unit[0]["passed"]
 
 
 @pytest.mark.parametrize("forced", [True, False])
