@@ -105,11 +105,19 @@ class _Piece:
     modules: dict = field(default_factory=dict)  # small call_module target -> module of the big graph
     env: dict = field(default_factory=dict)      # big-graph node -> its copy
 
-    def run(self, values: list) -> tuple:
+    def run(self, values: list, casts: dict | None = None) -> tuple:
+        """`casts`: float64 copies kept for the runs of one case (the original and the replacement read
+        mostly the same tensors, on every input): each is cast once per case instead of once per run."""
         attrs = {}
         for name, t in self.params.items():
             f = self.exact.get(name)
+            key = (id(self), name) if f is not None else id(t)
+            if casts is not None and key in casts:
+                attrs[name] = casts[key]
+                continue
             attrs[name] = f() if f is not None else (_up(t) if isinstance(t, torch.Tensor) else t)
+            if casts is not None:
+                casts[key] = attrs[name]
         for name, m in self.modules.items():
             attrs[name] = copy.deepcopy(m).double()  # a module inside one block: small
         with torch.no_grad():
@@ -318,8 +326,10 @@ class SiteChecker:
                         case.reason = f"the rewritten block reads `{n.name}`, which the original block does not"
                         break
                     case.links.append(("region", orig.inputs.index(old), cut_rel.get(old)))
+            casts: dict = {}  # one region's parameters in float64, for its runs only
             for vals in values:
-                self._run_case(case, [vals.get(n) for n in orig.inputs], None)
+                self._run_case(case, [vals.get(n) for n in orig.inputs], None, casts)
+            del casts
             self.results.append(self._result(case, len(values)))
 
     # ------------------------------------------------------------ checking
@@ -338,23 +348,25 @@ class SiteChecker:
         active = [c for c in self.cases if c.reason is None]
         n_in = 0
         if active:
-            for args, kwargs in self.inputs:
-                got = _capture(gm, needed, args, kwargs)
-                n_in += 1
-                for case in active:
+            captured = [_capture(gm, needed, args, kwargs) for args, kwargs in self.inputs]  # boundary values only
+            n_in = len(captured)
+            for case in active:
+                casts: dict = {}  # the site's parameters in float64, for its runs only
+                for got in captured:
                     orig_in = [got.get(resolved[n]) for n in case.original.inputs]
-                    self._run_case(case, orig_in, lambda node, got=got: got.get(resolved[node]))
+                    self._run_case(case, orig_in, lambda node, got=got: got.get(resolved[node]), casts)
+                del casts
         self.results.extend(self._result(c, n_in) for c in self.cases)
         self.cases, self.forward, self.exact = [], {}, {}
         return self.results
 
-    def _run_case(self, case: _Case, orig_in: list, graph_value) -> None:
+    def _run_case(self, case: _Case, orig_in: list, graph_value, casts: dict | None = None) -> None:
         if case.reason is not None:
             return
         try:
             if any(v is None for v in orig_in):
                 raise RuntimeError("a boundary value was not captured")
-            ref = case.original.run(orig_in)
+            ref = case.original.run(orig_in, casts)
             new_in = []
             for link in case.links:
                 if link[0] == "orig":
@@ -364,7 +376,7 @@ class SiteChecker:
                 else:
                     v = _up(orig_in[link[1]])
                     new_in.append(_relate(v, link[2]))
-            new = case.new.run(new_in)
+            new = case.new.run(new_in, casts)
             diffs = []
             for i in range(case.n_out):
                 a, b = ref[i], new[i]
