@@ -61,6 +61,8 @@ def _common(f):
     f = _rules_path(f)
     f = click.option("--allow-outside-writes", is_flag=True,
                      help="let `export ... to PATH` in the rules write outside the current and -o folders")(f)
+    f = click.option("--allow-outside-reads", is_flag=True,
+                     help="let `calibrate from PATH` in the rules read outside its own and the current folder")(f)
     f = click.option("--static", is_flag=True, help="trace and export at the example shape only (default: batch, "
                      "sequence and image size stay dynamic where the model allows it)")(f)
     f = click.option("--require-applied", is_flag=True, help="exit 1 when no rule rewrote any site")(f)
@@ -121,6 +123,7 @@ def _run(rules, model, output, opts, write, dry_run=False):
                              write=write, dry_run=dry_run, progress=say, rollback=opts.get("rollback", False),
                              strict=opts.get("strict", False), keep_before=bool(opts.get("diff_path")),
                              opset=opts.get("opset"), allow_outside_writes=opts.get("allow_outside_writes", False),
+                             allow_outside_reads=opts.get("allow_outside_reads", False),
                              static=opts.get("static", False), require_applied=opts.get("require_applied", False))
         result = compile_model(program, loaded, options)
     _write_reports(result, opts)
@@ -216,8 +219,10 @@ def _streamed(rules, model, output, forced: bool, opts) -> bool:
     from . import api
     from .report.progress import progress_reporter
     from .stream import stream_apply
-    program = api.load_rules(rules)
+    program = api.load_rules(rules, rules_path=opts.get("rules_path", ()))
     from .atomic import write_text
+    from .grammar.checker import check_data_paths
+    check_data_paths(program, opts.get("allow_outside_reads", False))
     try:
         with progress_reporter() as say:
             rep = stream_apply(program, folder, Path(output), reason=why, verify_inputs=opts["samples"],

@@ -469,6 +469,31 @@ def check_export_paths(program: Program, output=None, allow_outside_writes: bool
         raise NcError(diags, program.main.source)
 
 
+def check_data_paths(program: Program, allow_outside_reads: bool = False) -> None:
+    """`calibrate from "PATH"` in a rules file reads only under the rules file's folder or the current
+    folder (resolved as the calibration step resolves it: beside the .nc file, then the current folder;
+    `..` and links resolved first). A shared rules file must not read the user's other files."""
+    if allow_outside_reads or program.main.pipeline is None:
+        return
+    from pathlib import Path
+    file = program.main.file or ""
+    base = Path(file).parent if file and not file.startswith("<") else None
+    roots = [Path.cwd().resolve()] + ([base.resolve()] if base is not None else [])
+    diags = []
+    for step in program.main.pipeline.steps:
+        src = step.source if isinstance(step, T.Calibrate) else None
+        if not src or src == "random" or src.startswith("builtin:") or "\0" in src:
+            continue
+        candidates = ([base / src] if base is not None else []) + [Path(src)]
+        target = next((c for c in candidates if c.exists()), candidates[0]).resolve()
+        if not any(target.is_relative_to(root) for root in roots):
+            diags.append(Diagnostic(step.loc, f"`calibrate from \"{src}\"` reads outside the rules file's folder "
+                                    "and the current folder",
+                                    "put the data there, or pass --allow-outside-reads"))
+    if diags:
+        raise NcError(diags, program.main.source)
+
+
 def load_and_check(path=None, text=None, file="<string>", rules_path=()) -> Program:
     from .loader import load_program
     return check_program(load_program(path, text, file, rules_path=rules_path))

@@ -23,7 +23,7 @@ from ..frontend import LoadedModel, trace_model
 from ..frontend.shapes import inputs_at_other_shapes
 from ..frontend.specs import InputSpec
 from ..grammar import syntax_tree as T
-from ..grammar.checker import check_export_paths
+from ..grammar.checker import check_data_paths, check_export_paths
 from ..grammar.loader import Program
 from ..ir.builtins import DTYPE_NAMES, EvalContext
 from ..ir.canonicalize import canonicalize, resolve_with_shapes, run_recognizers
@@ -51,6 +51,7 @@ class RunOptions:
     strict: bool = False                # with rollback: a rollback still fails the run
     keep_before: bool = False           # keep the canonical graph before the pipeline (for --diff)
     allow_outside_writes: bool = False  # `export ... to` paths outside the current and -o folders
+    allow_outside_reads: bool = False   # `calibrate from` paths outside the rules file's and the current folder
     static: bool = False                # --static: trace and export at the example shape only
     require_applied: bool = False       # --require-applied: a run that rewrote no site fails
 
@@ -657,4 +658,5 @@ def compile_model(program: Program, loaded: LoadedModel, options: RunOptions | N
     options = options or RunOptions()
     if options.write:
         check_export_paths(program, options.output, options.allow_outside_writes)  # before any work
+    check_data_paths(program, options.allow_outside_reads)
     return _Runner(program, loaded, options).run()

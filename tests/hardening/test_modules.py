@@ -170,3 +170,35 @@ def test_nul_in_a_path_is_located(source):
     with pytest.raises(NcError) as info:
         load_rules(text=source)
     assert "cannot contain a NUL character" in info.value.diagnostics[0].message
+
+
+def test_calibration_data_outside_the_rules_and_current_folders_is_refused(tmp_path, monkeypatch):
+    from normc.grammar.checker import check_data_paths
+    (tmp_path / "project").mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    secret = write(tmp_path, "secret.txt", SECRET)
+    beside = write(tmp_path / "project", "calib.txt", "a sentence\n")
+    here = write(tmp_path / "cwd", "here.txt", "a sentence\n")
+
+    def rules(source):
+        return load_rules(write(tmp_path / "project", "r.nc", f'pipeline {{\n  calibrate from "{source}"\n}}\n'))
+    for ok in ("calib.txt", str(beside), "here.txt", str(here), "random", "builtin:sentences"):
+        check_data_paths(rules(ok))
+    for bad in ("../secret.txt", str(secret), "/etc/hostname"):
+        with pytest.raises(NcError) as info:
+            check_data_paths(rules(bad))
+        d = info.value.diagnostics[0]
+        assert d.loc.line == 2 and "reads outside" in d.message and "--allow-outside-reads" in d.hint
+        assert "TOP-SECRET" not in str(info.value)
+        check_data_paths(rules(bad), allow_outside_reads=True)
+
+
+def test_cli_calibration_containment(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "work").mkdir()
+    write(tmp_path, "outside.txt", "the quick brown fox\n")
+    rules = write(tmp_path / "work", "r.nc", 'pipeline {\n  calibrate from "../outside.txt"\n}\n')
+    monkeypatch.chdir(tmp_path / "work")
+    refused = CliRunner().invoke(main, ["check", str(rules), "zoo:cnn", "--samples", "1"])
+    assert refused.exit_code == 2 and "r.nc:2:3" in refused.output and "reads outside" in refused.output
