@@ -237,8 +237,12 @@ def _streamed(rules, model, output, forced: bool, opts) -> bool:
         write_text(opts["report_path"], json.dumps({"stream": d}, indent=2, default=str))
     console = _console()
     console.print(f"streamed {d['blocks']} blocks of {d['block_path']} ({d['dtype']}): {why}")
+    e2e = d["end_to_end"]
     console.print(f"worst block: {d['worst_block']['unit']} max_rel {d['worst_block']['max_rel_err']:.3g}; "
-                  f"end to end: max_rel {d['end_to_end']['max_rel_err']:.3g} ({d['end_to_end']['inputs']} inputs)")
+                  f"end to end: max_rel {e2e['max_rel_err']:.3g} ({e2e['inputs']} inputs)")
+    if "original_vs_float32_rel" in e2e:
+        console.print(f"against the checkpoint computed in float32: original {e2e['original_vs_float32_rel']:.3g}, "
+                      f"rewritten {e2e['rewritten_vs_float32_rel']:.3g} (max_rel of the logits)")
     console.print(f"largest block {d['largest_block_bytes'] / 1e6:.0f} MB, peak RSS {d['peak_rss_bytes'] / 1e9:.2f} GB, "
                   f"{d['seconds']:.0f} s")
     for w in d["warnings"]:

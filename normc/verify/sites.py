@@ -35,6 +35,7 @@ _LOW = (torch.float32, torch.float16, torch.bfloat16)
 CENTRED = "centred"  # relation: new = old - mean(old, dim=-1)
 COMPRESSED = "compressed"  # relation: new = (old - mean(old, dim=-1))[..., :-1] (Pre-CRMSNorm's stream)
 SHAPE = "shape"      # relation: the rest of the graph reads only the value's shape
+GUARDS = "_guards_fn"  # the input-guard submodule torch.export adds to a graph
 
 
 def _up(value, to: torch.dtype = torch.float64):
@@ -69,6 +70,11 @@ class _F64(fx.Interpreter):
     def call_method(self, target, args, kwargs):
         return super().call_method(self._casts.get(target, target), _up(args, self.to), _up(kwargs, self.to))
 
+    def call_module(self, target, args, kwargs):
+        if target == GUARDS:
+            return None  # torch.export's check of the traced input shapes and dtypes: the inputs are upcast on purpose
+        return super().call_module(target, args, kwargs)
+
     def run_node(self, n):
         out = super().run_node(n)
         return out if n.op == "get_attr" else _up(out, self.to)
@@ -88,7 +94,7 @@ def run_upcast(gm: fx.GraphModule, args: tuple, to: torch.dtype = torch.float32)
     """Evaluate a reduced-precision graph with every bf16/fp16 value in `to` instead, its parameters upcast
     one op at a time (never a whole upcast copy of the weights): the function the graph's dtype
     approximates. Graphs that call submodules are not supported (None)."""
-    if any(n.op == "call_module" for n in gm.graph.nodes):
+    if any(n.op == "call_module" and n.target != GUARDS for n in gm.graph.nodes):
         return None
     with torch.no_grad():
         out = _F64(gm.graph, _GraphAttrs(gm), to).run(*args)

@@ -88,6 +88,8 @@ def test_stream_bf16_blocks_reproduce_the_original_independently(tmp_path):
     for e in rep.per_unit:  # each unit's gate: 3 x max(bf16's 1e-2, the original's own bf16 error vs float32)
         assert 1e-4 < e["original_dtype_error_rel"] < 5e-2, e
         assert e["tolerance_rel"] == pytest.approx(3 * max(1e-2, e["original_dtype_error_rel"]))
+    e2e = rep.end_to_end  # both models against the checkpoint computed in float32
+    assert 0 < e2e["original_vs_float32_rel"] < 5e-2 and 0 < e2e["rewritten_vs_float32_rel"] < 5e-2, e2e
     a, b = _tensors(src), _tensors(tmp_path / "out")
     assert a.keys() == b.keys()
     assert all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype == torch.bfloat16 for k in a)
