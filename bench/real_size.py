@@ -137,7 +137,7 @@ def measure(which: str) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", which],
-                          capture_output=True, text=True, env=env, cwd=str(ROOT))
+                          check=False, capture_output=True, text=True, env=env, cwd=str(ROOT))
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # children run one at a time: the delta is this one's
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
