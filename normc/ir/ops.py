@@ -162,7 +162,7 @@ def reduce_mean(x, *, dim=-1, keepdim=False):
 
 
 def power(x, *, exponent=2):
-    return torch.pow(x, exponent)
+    return x ** exponent  # a tensor, or a size in a dynamic graph's shape arithmetic (DINOv2's `(n // k) ** 2`)
 
 
 def inv_sqrt(x):

@@ -32,7 +32,7 @@ from ..ir.graph import annotate_shapes, op_counts
 from ..ir.rewrite import RuleReport, apply_rule
 from ..passes.registry import resolve_pass
 from ..verify import CachedReference, Tolerance, VerifyResult, sample_inputs, verify_models
-from ..verify.compare import nonfinite_reference
+from ..verify.compare import nonfinite_reference, run_model
 from ..verify.inputs import cast_inputs
 from ..verify.sites import SiteChecker, SiteResult
 from .outputs import write_outputs
@@ -360,9 +360,17 @@ class _Runner:
         if dyn is None:
             return []
         notes = trace_info["notes"]
+        def runs(args, kwargs):
+            """The original takes the shape, and so does its trace (torch.export's guards may fix a
+            relation between sizes that the eager model computes around, e.g. DINOv2's patch count)."""
+            reference.outputs(args, kwargs)
+            try:
+                run_model(gm, args, kwargs)
+            except Exception as e:
+                raise RuntimeError(f"its trace refuses it: {type(e).__name__}: {str(e).strip()[:160]}") from e
         found, varied = inputs_at_other_shapes(dyn, tuple(self.loaded.example_args), dict(self.loaded.example_kwargs),
                                                specs=self.loaded.input_specs, seed=self.options.seed,
-                                               check=reference.outputs, notes=notes)
+                                               check=runs, notes=notes)
         if not dyn.confirmed:
             dyn = dyn.restrict(varied)
             gm.meta["normc_dynamic"] = dyn if dyn.symbolic else None
