@@ -14,6 +14,36 @@ from ..ir.graph import op_counts
 from ..verify import Tolerance
 
 
+FALLBACK_OPSET = 18
+
+
+def _write_checked_onnx(run, result, gm, path, opts, program):
+    """Export and check with onnxruntime. At an opset normc chose (23, for RMSNormalization), the
+    exporter also fuses rotary embeddings and attention into opset-23 ops, and onnxruntime does not run
+    every such fusion at every shape (LLaMA's RotaryEmbedding at another sequence length): then the model
+    is written at opset 18 instead, with a warning. An opset the user chose is kept, failure or not."""
+    from ..backends import onnx_backend
+    loaded = run.loaded
+    opset = onnx_opset(gm, opts, run.options)
+    chosen = "opset" not in opts and run.options.opset is None
+    onnx_backend.export_onnx(gm, loaded.example_args, loaded.example_kwargs, path, opset=opset, program=program())
+    try:
+        check = onnx_backend.check_onnx(path, gm, check_inputs(run), None)
+        if check.passed or not chosen or opset == FALLBACK_OPSET:
+            return check
+        why = check.summary()
+    except NormcError as exc:
+        if not chosen or opset == FALLBACK_OPSET:
+            raise
+        why = exc.message
+    path.unlink(missing_ok=True)
+    result.report["warnings"].append(f"`{path}`: the opset {opset} export failed its onnxruntime check ({why}); "
+                                     f"written at opset {FALLBACK_OPSET} instead (pass `--opset` to choose)")
+    onnx_backend.export_onnx(gm, loaded.example_args, loaded.example_kwargs, path, opset=FALLBACK_OPSET,
+                             program=program())
+    return onnx_backend.check_onnx(path, gm, check_inputs(run), None)
+
+
 def onnx_opset(gm, opts, options) -> int:
     if "opset" in opts:
         return int(opts["opset"])
@@ -79,10 +109,7 @@ def write_outputs(run, result) -> None:
         elif fmt == "onnx" and opts.get("quantize") is not None:
             write_int8(run, gm, path, opts, result, program())
         elif fmt == "onnx":
-            opset = onnx_opset(gm, opts, run.options)
-            onnx_backend.export_onnx(gm, loaded.example_args, loaded.example_kwargs, path, opset=opset,
-                                     program=program())
-            check = onnx_backend.check_onnx(path, gm, check_inputs(run), None)
+            check = _write_checked_onnx(run, result, gm, path, opts, program)
             result.report.setdefault("onnx_check", []).append({"path": str(path), **check.to_dict()})
             if not check.passed:
                 path.unlink(missing_ok=True)
