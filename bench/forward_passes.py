@@ -44,7 +44,7 @@ def count(model: str, rules: Path, output_suffix: str) -> Counter:
     run = fx.Interpreter.run
 
     def interp_run(self, *args, **kwargs):
-        if type(self).__name__ == "_F64":  # normc.verify.sites: one site's (or block's) nodes, not the model
+        if type(self).__name__ == "_Upcast":  # normc.verify.sites: one site's (or block's) nodes, not the model
             counts["site/block evaluations in float64"] += 1
         else:
             counts["node-by-node runs (traced)" if _fake(args) else "node-by-node runs"] += 1

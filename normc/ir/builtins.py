@@ -257,18 +257,17 @@ def _stat(kind):
             if ctx.stats is None:
                 raise RefuseSite(f"{kind}({x.node.name}) needs calibration statistics: add `calibrate` before this step")
             return ctx.stats.get(x.node, kind)  # per channel (last dim), float64
-        if kind in ("absmax", "max", "min") and isinstance(x, NodeRef) and x.node.op == "get_attr":
-            # exact in the parameter's own dtype: no float64 copy of a whole weight for a max
-            t = get_param(ctx.gm, x.node).detach()
-            if t.is_floating_point():
-                dims = None if dim is None else tuple(dim) if isinstance(dim, (list, tuple)) else (int(dim),)
-                r = reducers[kind](t) if dims is None else reducers[kind](t, dim=dims, keepdim=bool(keepdim))
-                return r.to(torch.float64)
-        t = _t(ctx, x)
+        # a max is exact in a float parameter's own dtype: no float64 copy of a whole weight for it
+        own = get_param(ctx.gm, x.node).detach() if isinstance(x, NodeRef) and x.node.op == "get_attr" \
+            and kind in ("absmax", "max", "min") else None
+        native = own is not None and own.is_floating_point()
+        t = own if native else _t(ctx, x)
         if dim is None:
-            return reducers[kind](t)
-        dims = tuple(dim) if isinstance(dim, (list, tuple)) else (int(dim),)
-        return reducers[kind](t, dim=dims, keepdim=bool(keepdim))
+            r = reducers[kind](t)
+        else:
+            dims = tuple(dim) if isinstance(dim, (list, tuple)) else (int(dim),)
+            r = reducers[kind](t, dim=dims, keepdim=bool(keepdim))
+        return r.to(torch.float64) if native else r
     return stat
 
 

@@ -107,7 +107,7 @@ def is_param(node) -> bool:
 
 
 def get_param(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    return _get_attr(gm, node.target)
+    return param_at(gm, node.target)
 
 
 def param_at(gm: fx.GraphModule, target: str) -> torch.Tensor:

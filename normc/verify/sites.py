@@ -51,7 +51,7 @@ def _up(value, to: torch.dtype = torch.float64):
     return pytree.tree_map(one, value)
 
 
-class _F64(fx.Interpreter):
+class _Upcast(fx.Interpreter):
     """Runs a small graph in float64 (or `to`): every float value, parameter and dtype argument is
     upcast. Parameters are upcast where an op reads them, so only one is held upcast at a time."""
 
@@ -97,7 +97,7 @@ def run_upcast(gm: fx.GraphModule, args: tuple, to: torch.dtype = torch.float32)
     if any(n.op == "call_module" and n.target != GUARDS for n in gm.graph.nodes):
         return None
     with torch.no_grad():
-        out = _F64(gm.graph, _GraphAttrs(gm), to).run(*args)
+        out = _Upcast(gm.graph, _GraphAttrs(gm), to).run(*args)
     return tuple(pytree.tree_leaves(out))
 
 
@@ -127,7 +127,7 @@ class _Piece:
         for name, m in self.modules.items():
             attrs[name] = copy.deepcopy(m).double()  # a module inside one block: small
         with torch.no_grad():
-            return tuple(_F64(self.graph, attrs).run(*values))
+            return tuple(_Upcast(self.graph, attrs).run(*values))
 
 
 def _extract(gm: fx.GraphModule, nodes: list, outputs: list | None, exact: dict | None = None) -> _Piece:
