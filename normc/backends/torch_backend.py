@@ -4,12 +4,15 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import types
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
+from torch._export.verifier import Verifier
 
 from normc.atomic import atomic_path
 from normc.errors import NormcError
@@ -148,6 +151,92 @@ def export_graph(gm: nn.Module, example_args: tuple, example_kwargs: dict | None
         warnings.append("the rewritten graph fixes " + ", ".join(lost) + " to the example size: the outputs "
                         "take only that size there")
     return ep, warnings
+
+
+class _RewrittenGraphVerifier(Verifier):
+    """The checks of an ATen program, with normc's canonical ops (plain Python functions) allowed as call
+    targets: a program built by :func:`program_of_graph` holds them until an exporter retraces it."""
+    dialect = "NORMC_REWRITTEN"
+
+    def allowed_op_types(self) -> tuple:
+        return (torch._ops.OpOverload, torch._ops.HigherOrderOperator, types.FunctionType,
+                types.BuiltinFunctionType)
+
+
+def program_of_graph(gm: nn.Module) -> Any | None:
+    """The rewritten graph as an ExportedProgram without tracing it again, or None where that cannot be
+    built (a graph from symbolic_trace, submodule calls, attributes that are not tensors).
+
+    Its inputs are the graph's own placeholders (their fake values and the trace's range constraints keep
+    the dims symbolic), its weights the graph's tensors (shared, not copied), lifted to inputs. The graph
+    still calls normc's canonical ops: it is for an exporter that retraces to ATen (the ONNX exporter's
+    decompositions do), where it saves the whole second torch.export (the ONNX output is then checked with
+    onnxruntime as ever). Every other output gets :func:`export_graph`'s program."""
+    from torch._guards import detect_fake_mode
+    from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
+    from torch.export.graph_signature import (
+        ConstantArgument,
+        ExportGraphSignature,
+        InputKind,
+        InputSpec,
+        OutputKind,
+        OutputSpec,
+        TensorArgument,
+    )
+
+    from normc.frontend.trace import GUARDS_MODULE
+    from normc.ir.graph import param_at
+    info = getattr(getattr(getattr(gm, "graph", None), "_codegen", None), "pytree_info", None)
+    ranges = (getattr(gm, "meta", None) or {}).get("normc_range_constraints")
+    if info is None or ranges is None:
+        return None
+    nodes = list(gm.graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in inputs])
+    if fake_mode is None or any(n.op == "call_method" or (n.op == "call_module" and n.target != GUARDS_MODULE)
+                                for n in nodes):
+        return None
+    graph = fx.Graph()
+    env: dict = {}
+    specs, state, lifted = [], {}, {}  # lifted: id(tensor) -> placeholder (a tensor under two names: one input)
+    for n in nodes:
+        if n.op != "get_attr" or n in env:
+            continue
+        t = param_at(gm, n.target)
+        if not isinstance(t, torch.Tensor):
+            return None
+        if id(t) not in lifted:
+            ph = graph.placeholder("p_" + re.sub(r"\W", "_", n.target))
+            ph.meta["val"] = fake_mode.from_tensor(t, static_shapes=True)
+            param = isinstance(t, nn.Parameter)
+            specs.append(InputSpec(InputKind.PARAMETER if param else InputKind.BUFFER, TensorArgument(ph.name),
+                                   n.target, persistent=None if param else True))
+            state[n.target] = t
+            lifted[id(t)] = ph
+        env[n] = lifted[id(t)]
+    for n in inputs:
+        env[n] = graph.placeholder(n.name)
+        env[n].meta = dict(n.meta)
+        specs.append(InputSpec(InputKind.USER_INPUT, TensorArgument(env[n].name), None))
+    outputs = []
+    for n in nodes:
+        if n.op in ("placeholder", "get_attr") or n.op == "call_module":  # call_module: the input guards,
+            continue                                                       # which the program derives itself
+        if n.op == "output":
+            leaves = [env[a] if isinstance(a, fx.Node) else a for a in pytree.tree_leaves(n.args[0])]
+            outputs = [OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(a.name) if isinstance(a, fx.Node)
+                                  else ConstantArgument("", a), None) for a in leaves]
+            graph.output(tuple(leaves))
+            continue
+        env[n] = graph.node_copy(n, lambda a: env[a])
+        env[n].meta.setdefault("val", None)  # nodes a rewrite created: the retrace gives them their values
+    call = ModuleCallSignature([], [], info.in_spec, _plain_spec(info.out_spec))
+    try:
+        return torch.export.ExportedProgram(nn.Module(), graph, ExportGraphSignature(specs, outputs), state,
+                                            dict(ranges), [ModuleCallEntry("", call)],
+                                            verifiers=[_RewrittenGraphVerifier])
+    except Exception:  # noqa: BLE001 - the program is a shortcut; the caller traces the graph instead
+        return None
 
 
 def save_pt2(module: nn.Module, example_args: tuple, example_kwargs: dict | None, path: str | os.PathLike,

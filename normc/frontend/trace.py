@@ -49,6 +49,7 @@ EXPORT = "torch.export"
 # model), "run_decompositions", "export_graph" (a rewritten graph exported for the outputs). Tests and
 # benchmarks read differences of it around a run (`trace_counts()`).
 TRACE_COUNTS: Counter = Counter()
+GUARDS_MODULE = "_guards_fn"  # the input-guard submodule torch.export adds to a graph
 
 
 def trace_counts() -> dict[str, int]:
@@ -280,6 +281,7 @@ def _finish_export(ep, loaded: LoadedModel, ref: Any, notes: list[str]) -> tuple
         TRACE_COUNTS["run_decompositions"] += 1
         ep = ep.run_decompositions({})
     gm = ep.module()
+    gm.meta["normc_range_constraints"] = dict(ep.range_constraints)  # the outputs' program reuses them
     _casts_to_copies(gm)
     set_eval(gm)
     training_bn = [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and str(n.target) in (

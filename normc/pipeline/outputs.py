@@ -18,30 +18,49 @@ FALLBACK_OPSET = 18
 
 
 def _write_checked_onnx(run, result, gm, path, opts, program):
-    """Export and check with onnxruntime. At an opset normc chose (23, for RMSNormalization), the
-    exporter also fuses rotary embeddings and attention into opset-23 ops, and onnxruntime does not run
-    every such fusion at every shape (LLaMA's RotaryEmbedding at another sequence length): then the model
-    is written at opset 18 instead, with a warning. An opset the user chose is kept, failure or not."""
+    """Export and check with onnxruntime. Tried in turn, until one passes:
+    - the rewritten graph untraced (:meth:`_Program.untraced`: the exporter retraces it anyway), then the
+      graph traced by torch.export, when the first is refused or fails its check: a shortcut never decides
+      the outcome;
+    - each at the opset chosen, then at opset 18 when normc chose it (23, for RMSNormalization): the
+      exporter also fuses rotary embeddings and attention into opset-23 ops, and onnxruntime does not run
+      every such fusion at every shape (LLaMA's RotaryEmbedding at another sequence length). With a
+      warning. An opset the user chose is kept, failure or not."""
     from ..backends import onnx_backend
     loaded = run.loaded
     opset = onnx_opset(gm, opts, run.options)
     chosen = "opset" not in opts and run.options.opset is None
-    onnx_backend.export_onnx(gm, loaded.example_args, loaded.example_kwargs, path, opset=opset, program=program())
-    try:
-        check = onnx_backend.check_onnx(path, gm, check_inputs(run), None)
-        if check.passed or not chosen or opset == FALLBACK_OPSET:
-            return check
-        why = check.summary()
-    except NormcError as exc:
-        if not chosen or opset == FALLBACK_OPSET:
-            raise
-        why = exc.message
-    path.unlink(missing_ok=True)
-    result.report["warnings"].append(f"`{path}`: the opset {opset} export failed its onnxruntime check ({why}); "
-                                     f"written at opset {FALLBACK_OPSET} instead (pass `--opset` to choose)")
-    onnx_backend.export_onnx(gm, loaded.example_args, loaded.example_kwargs, path, opset=FALLBACK_OPSET,
-                             program=program())
-    return onnx_backend.check_onnx(path, gm, check_inputs(run), None)
+    opsets = [opset] + ([FALLBACK_OPSET] if chosen and opset != FALLBACK_OPSET else [])
+    tries = [(False, at) for at in opsets] if program.untraced() is not None else []
+    tries += [(True, at) for at in opsets]
+    why, refused = "", False
+    for i, (traced, at) in enumerate(tries):
+        last = i == len(tries) - 1
+        if refused and not traced:
+            continue
+        ep = program() if traced else program.untraced()  # a failing trace is the model's problem: raised
+        try:
+            onnx_backend.export_onnx(gm, loaded.example_args, loaded.example_kwargs, path, opset=at, program=ep)
+        except NormcError:
+            if traced:
+                raise  # the traced graph does not export: that is the answer
+            refused = True
+            continue
+        try:
+            check = onnx_backend.check_onnx(path, gm, check_inputs(run), None)
+            if check.passed or last:
+                break
+            why = check.summary()
+        except NormcError as exc:  # onnxruntime cannot load or run it
+            if last:
+                raise
+            why = exc.message
+        path.unlink(missing_ok=True)
+    if at != opset:
+        result.report["warnings"].append(f"`{path}`: the opset {opset} export failed its onnxruntime check "
+                                         f"({why}); written at opset {FALLBACK_OPSET} instead (pass `--opset` "
+                                         "to choose)")
+    return check
 
 
 def onnx_opset(gm, opts, options) -> int:
@@ -54,10 +73,23 @@ def onnx_opset(gm, opts, options) -> int:
 
 
 class _Program:
-    """The rewritten graph's ExportedProgram, exported on first use and shared by every output."""
+    """The rewritten graph's ExportedProgram, exported on first use and shared by every output; for the
+    ONNX exporter (which retraces), the graph as a program without that trace."""
 
     def __init__(self, run, result):
         self.run, self.result, self.ep = run, result, None
+        self._untraced, self._refused = None, False
+
+    def untraced(self):
+        """:func:`program_of_graph` of the rewritten graph; None when it cannot be built or the graph is
+        traced already (then that program serves)."""
+        if self.ep is not None or self._refused:
+            return None
+        if self._untraced is None:
+            from ..backends.torch_backend import program_of_graph
+            self._untraced = program_of_graph(self.result.graph_module)
+            self._refused = self._untraced is None
+        return self._untraced
 
     def __call__(self):
         if self.ep is None:
@@ -92,7 +124,7 @@ def write_outputs(run, result) -> None:
     if any(fmt == "hf" for fmt, _, _ in targets):  # refused before anything at all is written
         hf_plans = plan_hf_dir(run, result)
     for fmt, path, opts in targets:
-        if fmt in ("torch", "onnx"):
+        if fmt == "torch" or (fmt == "onnx" and program.ep is None and program.untraced() is None):
             program()  # its own progress stage, before the writing one
         run.say(f"writing {path}")
         if fmt == "hf":

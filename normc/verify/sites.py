@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from ..frontend.trace import GUARDS_MODULE as GUARDS
 from ..ir.canonicalize import reads_shape_only
 from ..ir.graph import get_param, live, param_at, run_recording
 from ..ir.rewrite import RowBlockValue
@@ -35,7 +36,6 @@ _LOW = (torch.float32, torch.float16, torch.bfloat16)
 CENTRED = "centred"  # relation: new = old - mean(old, dim=-1)
 COMPRESSED = "compressed"  # relation: new = (old - mean(old, dim=-1))[..., :-1] (Pre-CRMSNorm's stream)
 SHAPE = "shape"      # relation: the rest of the graph reads only the value's shape
-GUARDS = "_guards_fn"  # the input-guard submodule torch.export adds to a graph
 
 
 def _up(value, to: torch.dtype = torch.float64):
