@@ -18,8 +18,11 @@ parent around the whole child (interpreter start, imports, build, work: the same
 sides), CPU time is the child's user + system seconds (less sensitive to other load than wall time), peak RSS
 is the child's own `ru_maxrss` at its end (a fresh process: its maximum is its own run).
 Rounds rotate the order (A B As Bd, B As Bd A, ...); figures are medians over rounds. Printed: medians, the
-ratios A / B, and a line starting with WARNING when rounds disagree by more than 10 % or a ratio is
-below its physical floor (A does everything B does, plus rewriting and verification: A / B < 0.9 is noise).
+ratios, and a line starting with WARNING when rounds disagree by more than 10 % or a ratio is below its
+physical floor (normc does everything the plain path does, plus rewriting and verification: < 0.9 is noise).
+The targets (1.5 in wall time and in peak RSS) are judged on the like-for-like pairs, the same artifact on
+both sides: As / B (static, as normc's outputs were when issue 10 was measured) and A / Bd (dynamic).
+A / B and Bd / B are printed for information: the plain path's own price for dynamic shapes.
 
     python bench/real_size.py                      # 3 rounds of A, B, As, Bd (12 processes); ~10 min quiet
     python bench/real_size.py --rounds 1 --json out.json
@@ -112,9 +115,14 @@ LABELS = {"A": "normc apply prenorm_to_rmsnorm.nc -> ONNX, verified (dynamic)",
           "B": "build + torch.export + torch.onnx.export (static)",
           "As": "normc as A, static=True",
           "Bd": "build + torch.export(Dim.AUTO) + torch.onnx.export (dynamic)"}
-PAIRS = (("A", "B", "the issue's figure: normc's default against the plain static export"),
-         ("As", "B", "like for like, static"),
-         ("A", "Bd", "like for like, dynamic"))
+# (normc, plain, what, judged against TARGETS): the acceptance figures compare the same artifact on both
+# sides. Issue 10's 93 s / 45 s was measured when normc's outputs were static (dynamic shapes came with
+# issue 9): As / B is that figure today, A / Bd its dynamic counterpart. A / B puts normc's dynamic output
+# beside a static plain export: the plain path pays about as much for dynamic shapes itself (Bd / B).
+PAIRS = (("As", "B", "the issue's figure, like for like: static output on both sides", True),
+         ("A", "Bd", "like for like: dynamic output on both sides (normc's default)", True),
+         ("A", "B", "normc's default (dynamic) against a static plain export: not like for like", False),
+         ("Bd", "B", "what dynamic shapes cost the plain path itself", False))
 
 
 def run_child(which: str, profile: bool) -> None:
@@ -183,18 +191,23 @@ def main() -> None:
         if w in runs:
             a = runs[w][-1]
             print(f"  {w} checked {a.get('sites_checked')} site(s) in float64, worst rel err {a.get('f64_max_rel'):.3g}")
-    ratios = {}
-    for a, b, what in PAIRS:
+    ratios, verdicts = {}, []
+    for a, b, what, judged in PAIRS:
         if a not in runs or b not in runs:
             continue
         ratios[f"{a}/{b}"] = r = {k: med[a][k] / med[b][k] for k in ("wall", "cpu", "rss")}
         print(f"  {a} / {b} ({what}):")
         for k, label in (("wall", "wall time"), ("cpu", "CPU time"), ("rss", "peak RSS")):
-            target = TARGETS.get(k)
+            target = TARGETS.get(k) if judged else None
             verdict = "" if target is None else f"  ({'within' if r[k] <= target else 'ABOVE'} the target {target})"
+            if target is not None:
+                verdicts.append(r[k] <= target)
             print(f"    {label}: {r[k]:.2f}{verdict}")
-            if r[k] < 0.9:  # in every pair the normc side does all the plain side does, and more
+            if r[k] < 0.9:  # in every pair the left side does all the right side does, and more
                 print(f"WARNING: {a} / {b} {label} {r[k]:.2f} is below 0.9: {a} does all {b} does; the figure is noise")
+    if verdicts:
+        print(f"  like-for-like ratios within their targets: {sum(verdicts)} of {len(verdicts)}"
+              + ("" if all(verdicts) else "  (ABOVE)"))
     for w in variants:
         for k, key, label in (("wall", "wall_s", "wall time"), ("cpu", "cpu_s", "CPU time")):
             s = spread([x[key] for x in runs[w]])
