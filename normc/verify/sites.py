@@ -39,16 +39,25 @@ SHAPE = "shape"      # relation: the rest of the graph reads only the value's sh
 
 
 def _up(value, to: torch.dtype = torch.float64):
-    """Float tensors and float dtypes (in arguments) of lower precision than `to` to `to`."""
+    """Float tensors and float dtypes (in arguments) of lower precision than `to` to `to`. Runs on every
+    argument of every node a check evaluates: plain tuples, lists and dicts are walked directly (pytree's
+    generic walk costs more than the op on a block's small activations); other containers go to pytree."""
     low = _LOW if to == torch.float64 else tuple(d for d in _LOW if d != to)
 
     def one(v):
-        if isinstance(v, torch.Tensor) and v.dtype in low:
-            return v.to(to)
-        if isinstance(v, torch.dtype) and v in low:
-            return to
+        if isinstance(v, torch.Tensor):
+            return v.to(to) if v.dtype in low else v
+        if isinstance(v, torch.dtype):
+            return to if v in low else v
+        kind = type(v)
+        if kind is tuple or kind is list:
+            return kind(one(x) for x in v)
+        if kind is dict:
+            return {k: one(x) for k, x in v.items()}
+        if isinstance(v, (tuple, list, dict)):  # namedtuples, return types: pytree knows how to rebuild them
+            return pytree.tree_map(one, v)
         return v
-    return pytree.tree_map(one, value)
+    return one(value)
 
 
 class _Upcast(fx.Interpreter):
