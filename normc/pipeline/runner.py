@@ -160,13 +160,26 @@ class _Runner:
         inputs = [(tuple(self.loaded.example_args), dict(self.loaded.example_kwargs))] + list(drawn)
         return cast_inputs(inputs, dtype) if dtype is not None else inputs
 
+    def _writes_hf_dir(self) -> bool:
+        """A checkpoint directory output maps the rewritten graph onto the graph before the pipeline: that
+        one is kept (its structure; the weights are shared), so the model is not traced a second time."""
+        from .outputs import format_of
+        pipeline = self.program.main.pipeline
+        formats = [s.format for s in (pipeline.steps if pipeline else []) if isinstance(s, T.Export)]
+        if self.options.output is not None:
+            try:
+                formats.append(format_of(self.options.output))
+            except NormcError:  # said when the outputs are written
+                pass
+        return "hf" in formats
+
     def run(self) -> CompileResult:
         t0 = time.perf_counter()
         self.say("tracing")
         gm, trace_info = self.trace()
         self.warnings += gm.meta.get("normc_trace_warnings", [])
         before = op_counts(gm)
-        before_gm = share_weights_copy(gm) if self.options.keep_before else None
+        before_gm = share_weights_copy(gm) if self.options.keep_before or self._writes_hf_dir() else None
         # the original's outputs on the verification inputs are computed once for every step
         reference = CachedReference(self.loaded.module)
         self.verify_set = self.inputs(self.options.verify_inputs) + self.other_shapes(gm, reference, trace_info)

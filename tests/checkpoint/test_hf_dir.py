@@ -10,6 +10,7 @@ from normc import api
 from normc.checkpoint import ShardWriter, checkpoint_files
 from normc.errors import NormcError
 from normc.frontend.specs import LoadedModel, specs_from_examples
+from normc.frontend.trace import trace_counts
 
 SMOOTH = """
 pipeline {
@@ -60,8 +61,10 @@ def test_smooth_rms_llama_dir_loads_and_matches(tmp_path):
     from transformers import LlamaForCausalLM
     loaded = _llama(tmp_path)
     out = tmp_path / "out"
+    before = trace_counts().get("torch.export", 0)
     result = api.apply(api.load_rules(text=SMOOTH), loaded, f"{out}/")
     assert result.passed
+    assert trace_counts().get("torch.export", 0) - before == 1  # the layout plan reuses the graph before the pipeline
     model, info = LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     # weights did change (SmoothQuant moved the norm gains into the projections) ...
