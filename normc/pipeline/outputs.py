@@ -124,7 +124,7 @@ def write_outputs(run, result) -> None:
     if any(fmt == "hf" for fmt, _, _ in targets):  # refused before anything at all is written
         hf_plans = plan_hf_dir(run, result)
     for fmt, path, opts in targets:
-        if fmt == "torch" or (fmt == "onnx" and program.ep is None and program.untraced() is None):
+        if fmt == "torch" or (fmt == "onnx" and program.untraced() is None):
             program()  # its own progress stage, before the writing one
         run.say(f"writing {path}")
         if fmt == "hf":

@@ -35,7 +35,7 @@ from ..verify import CachedReference, Tolerance, VerifyResult, sample_inputs, ve
 from ..verify.compare import nonfinite_reference, run_model
 from ..verify.inputs import cast_inputs
 from ..verify.sites import SiteChecker, SiteResult
-from .outputs import write_outputs
+from .outputs import format_of, write_outputs
 
 
 @dataclass
@@ -163,7 +163,6 @@ class _Runner:
     def _writes_hf_dir(self) -> bool:
         """A checkpoint directory output maps the rewritten graph onto the graph before the pipeline: that
         one is kept (its structure; the weights are shared), so the model is not traced a second time."""
-        from .outputs import format_of
         pipeline = self.program.main.pipeline
         formats = [s.format for s in (pipeline.steps if pipeline else []) if isinstance(s, T.Export)]
         if self.options.output is not None:
